@@ -1,0 +1,166 @@
+"""Worker bootsteps: the session queue, admission of new sessions, liveness.
+
+Everything here runs in the worker's main process, in its event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from kombu import Consumer
+
+from ..errors import ConfigurationError, SessionFlowError
+from .tracing import wrap_tracers
+
+if TYPE_CHECKING:
+    from kombu.message import Message
+
+    from ..flow import SessionFlow
+
+logger = logging.getLogger("sessionflow.worker")
+
+
+class SessionWorker(bootsteps.StartStopStep):
+    """Adds this worker's session queue to the queues it consumes."""
+
+    label = "sessionflow"
+
+    def __init__(self, w: Any, max_sessions: int | None = None, **kwargs: Any) -> None:
+        from ..flow import SessionFlow, make_queue
+
+        super().__init__(w, **kwargs)
+        flow = SessionFlow.of(w.app)
+        assert flow is not None
+        cap = flow.config.max_concurrent_sessions if max_sessions is None else max_sessions
+        if cap < 1:
+            raise ConfigurationError(f"--max-sessions must be at least 1, got {cap}")
+        queue = make_queue(flow.config.worker_queue(w.hostname))
+        w.app.amqp.queues.select_add(queue)
+        w.sessionflow = {"flow": flow, "cap": cap, "queue": queue.name}
+
+
+class Admission(bootsteps.StartStopStep):
+    """Consumes the creation queue while below the cap; writes heartbeats."""
+
+    label = "sessionflow admission"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.consumer: Consumer | None = None
+        self.channel: Any = None
+        self.paused = False
+        self.timers: list[Any] = []
+
+    def start(self, c: Any) -> None:
+        settings = c.controller.sessionflow
+        self.flow: SessionFlow = settings["flow"]
+        self.cap: int = settings["cap"]
+        self.queue: str = settings["queue"]
+        self.nodename: str = c.hostname
+        wrap_tracers(self.flow)  # solo/threads pools run tasks in this process
+        store = self.flow.store
+        store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
+        self.channel = c.connection.channel()
+        self.channel.basic_qos(0, 1, False)
+        self.consumer = Consumer(
+            self.channel,
+            queues=[self.flow.creation_queue],
+            callbacks=[self.on_request],
+            accept=["json"],
+            prefetch_count=1,
+        )
+        self.paused = True
+        self._maybe_resume()
+        config = self.flow.config
+        self.timers = [
+            c.timer.call_repeatedly(config.admission_poll_interval, self._tick),
+            c.timer.call_repeatedly(config.heartbeat_interval, self._heartbeat),
+        ]
+        logger.info(
+            "sessionflow: %s admits up to %d sessions; session queue %s",
+            self.nodename,
+            self.cap,
+            self.queue,
+        )
+
+    def stop(self, c: Any) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                self.consumer.cancel()
+            self.consumer = None
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                self.channel.close()
+            self.channel = None
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+        try:
+            self.flow.store.worker_offline(self.nodename)
+        except SessionFlowError:
+            logger.exception("sessionflow: could not mark %s offline", self.nodename)
+
+    # -- admission ---------------------------------------------------------
+
+    def on_request(self, body: Any, message: Message) -> None:
+        session_id = body.get("session_id") if isinstance(body, dict) else None
+        if not isinstance(session_id, str):
+            logger.warning("sessionflow: dropping malformed creation request %r", body)
+            message.ack()
+            return
+        try:
+            outcome, open_count = self.flow.store.admit(
+                session_id, self.nodename, self.queue, self.cap
+            )
+        except SessionFlowError:
+            logger.exception("sessionflow: admission of %s failed; will retry", session_id)
+            message.requeue()
+            self._pause()
+            return
+        if outcome == "full":
+            message.requeue()
+            self._pause()
+            return
+        message.ack()
+        if outcome == "admitted":
+            logger.info("sessionflow: admitted session %s", session_id)
+        if open_count >= self.cap:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self.paused and self.consumer is not None:
+            self.consumer.cancel()
+            self.paused = True
+
+    def _maybe_resume(self) -> None:
+        if (
+            self.paused
+            and self.consumer is not None
+            and self.flow.store.count_open(self.nodename) < self.cap
+        ):
+            self.consumer.consume()
+            self.paused = False
+
+    # -- periodic ----------------------------------------------------------
+
+    def _tick(self) -> None:
+        try:
+            for session_id, cancelled in self.flow.store.expire_sessions(self.nodename):
+                self.flow.resolve_cancelled(session_id, "closed", "execution_timeout", cancelled)
+            self._maybe_resume()
+        except SessionFlowError:
+            logger.exception("sessionflow: periodic check failed")
+
+    def _heartbeat(self) -> None:
+        try:
+            self.flow.store.heartbeat(self.nodename)
+        except SessionFlowError:
+            logger.exception("sessionflow: heartbeat failed")

@@ -1,0 +1,79 @@
+"""``sessionflow`` command line: thin wrappers over library calls."""
+
+from __future__ import annotations
+
+import click
+from celery import Celery
+from celery.utils.imports import symbol_by_name
+
+from .config import Config, load_config
+from .errors import SessionFlowError
+from .flow import SessionFlow
+from .store import Store
+
+
+def _config(url: str | None, app: str | None) -> Config:
+    if url and app:
+        raise click.UsageError("give --url or -A/--app, not both")
+    if app:
+        celery_app = symbol_by_name(app, imp=_import_app)
+        return load_config(celery_app.conf)
+    return Config(database_url=url) if url else Config()
+
+
+def _import_app(name: str) -> object:
+    import importlib
+
+    module = importlib.import_module(name)
+    for attr in ("app", "celery"):
+        candidate = getattr(module, attr, None)
+        if isinstance(candidate, Celery):
+            return candidate
+    return module
+
+
+_url = click.option("--url", help="SQLAlchemy database URL of the session store.")
+_app = click.option("-A", "--app", help="Celery app (module or module:attr) to read settings from.")
+
+
+@click.group()
+def main() -> None:
+    """sessionflow: Temporal-style worker sessions for Celery."""
+
+
+@main.group()
+def db() -> None:
+    """Manage the session store's schema."""
+
+
+@db.command()
+@_url
+@_app
+def upgrade(url: str | None, app: str | None) -> None:
+    """Apply all pending migrations."""
+    try:
+        revision = Store(_config(url, app)).upgrade()
+    except SessionFlowError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"session store at revision {revision}")
+
+
+@main.command("sessions")
+@click.option("--state", type=click.Choice(["open", "closed", "failed"]))
+@click.option("--user-id")
+@click.option("--hostname")
+@click.option("-A", "--app", "app_name", required=True, help="Celery app (module or module:attr).")
+def sessions_cmd(
+    state: str | None, user_id: str | None, hostname: str | None, app_name: str
+) -> None:
+    """List sessions."""
+    celery_app = symbol_by_name(app_name, imp=_import_app)
+    flow = SessionFlow(celery_app)
+    try:
+        for session in flow.list_sessions(state=state, user_id=user_id, hostname=hostname):
+            info = session.info
+            click.echo(
+                f"{info.session_id}  {info.state.value:<7} {info.hostname}  {info.reason or ''}"
+            )
+    except SessionFlowError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,60 @@
+"""Every error sessionflow raises derives from :class:`SessionFlowError`.
+
+Errors that travel through a Celery result backend are rebuilt on the caller's
+side as ``cls(*args)``, so each class keeps its constructor arguments in
+``args`` and accepts them back positionally.
+"""
+
+from __future__ import annotations
+
+
+class SessionFlowError(Exception):
+    """Root of every sessionflow error."""
+
+
+class ConfigurationError(SessionFlowError):
+    """A ``sessionflow_*`` setting or the worker option is missing or invalid."""
+
+
+class InvalidArgument(SessionFlowError, ValueError):
+    """A public call got an argument it cannot use; nothing was changed."""
+
+
+class InvalidRecreateToken(InvalidArgument):
+    """A recreate token is malformed, tampered with, or signed with another key."""
+
+
+class StoreError(SessionFlowError):
+    """The session store cannot be reached or its schema is not ready."""
+
+
+class SessionCreationTimeout(SessionFlowError):
+    """No worker admitted the session within ``creation_timeout`` seconds."""
+
+
+class NestedSessionError(SessionFlowError):
+    """A session was created from a task that already runs in an open session."""
+
+
+class SessionNotFound(SessionFlowError):
+    """No session with this id exists in the store."""
+
+
+class SessionEnded(SessionFlowError):
+    """Base of the errors for work sent to, or left in, a session that has ended."""
+
+    def __init__(self, message: str, session_id: str = "", reason: str = "") -> None:
+        super().__init__(message, session_id, reason)
+        self.session_id = session_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SessionClosed(SessionEnded):
+    """The session was completed (or timed out); its unstarted tasks do not run."""
+
+
+class SessionFailed(SessionEnded):
+    """The session failed (e.g. its worker was lost); ``reason`` says why."""

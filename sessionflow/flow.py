@@ -1,0 +1,251 @@
+"""``SessionFlow(app)``: attach sessions to a Celery app, create and find sessions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+from celery import Celery, states
+from celery.backends.base import DisabledBackend
+from kombu import Exchange, Queue
+
+from . import canvas
+from .config import Config, load_config
+from .context import current_session
+from .errors import (
+    InvalidArgument,
+    NestedSessionError,
+    SessionCreationTimeout,
+    SessionNotFound,
+)
+from .session import Session, SessionState, ended_error
+from .store import OPEN, PENDING, Store, utcnow
+
+logger = logging.getLogger("sessionflow")
+
+_APP_ATTR = "_sessionflow"
+_POLL_START, _POLL_MAX = 0.001, 0.05
+
+
+def make_queue(name: str) -> Queue:
+    """A durable direct queue bound under its own name (what Celery creates for ``-Q``)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+class SessionFlow:
+    """Sessions for one Celery app. ``SessionFlow(app)`` is idempotent."""
+
+    app: Celery
+
+    def __new__(cls, app: Celery) -> SessionFlow:
+        if not isinstance(app, Celery):
+            raise InvalidArgument(f"SessionFlow needs a Celery app, got {type(app).__name__}")
+        existing = app.__dict__.get(_APP_ATTR)
+        if isinstance(existing, cls):
+            return existing
+        self = super().__new__(cls)
+        self.app = app
+        setattr(app, _APP_ATTR, self)
+        self._install()
+        return self
+
+    @classmethod
+    def of(cls, app: Celery) -> SessionFlow | None:
+        """The SessionFlow attached to ``app``, if any."""
+        flow = app.__dict__.get(_APP_ATTR)
+        return flow if isinstance(flow, cls) else None
+
+    def _install(self) -> None:
+        from .celery_ext import install
+
+        self._install_router()
+        self.app.on_after_finalize.connect(lambda **_: self._install_router(), weak=False)
+        install(self)
+
+    def _install_router(self) -> None:
+        routes = self.app.conf.task_routes
+        if routes is None:
+            routes = ()
+        elif isinstance(routes, (dict, str)) or callable(routes):
+            routes = (routes,)
+        routes = tuple(routes)
+        if canvas.route_session_task in routes:
+            return
+        self.app.conf.task_routes = (canvas.route_session_task, *routes)
+        if "amqp" in self.app.__dict__:
+            self.app.amqp.flush_routes()
+            self.app.amqp.__dict__.pop("router", None)
+
+    @cached_property
+    def config(self) -> Config:
+        """The validated ``sessionflow_*`` settings, read once."""
+        return load_config(self.app.conf)
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.config)
+
+    @cached_property
+    def creation_queue(self) -> Queue:
+        return make_queue(self.config.creation_queue)
+
+    # -- sessions ---------------------------------------------------------
+
+    def create_session(
+        self,
+        *,
+        creation_timeout: float,
+        execution_timeout: float,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        """Wait until a worker below its cap admits a new session, and return it.
+
+        Raises :class:`SessionCreationTimeout` after ``creation_timeout`` seconds.
+        """
+        _positive("creation_timeout", creation_timeout)
+        _positive("execution_timeout", execution_timeout)
+        _optional_str("user_id", user_id)
+        _optional_str("agent_id", agent_id)
+        metadata = _json_dict("metadata", metadata)
+        if current_session() is not None:
+            raise NestedSessionError(
+                "this task already runs in a session; use current_session().apply_async() "
+                "to add work to it instead of creating a session inside it"
+            )
+        session_id = str(uuid.uuid4())
+        self.store.create_pending(
+            {
+                "id": session_id,
+                "user_id": user_id,
+                "agent_id": agent_id,
+                "metadata": metadata,
+                "creation_timeout": float(creation_timeout),
+                "execution_timeout": float(execution_timeout),
+                "created_at": utcnow(),
+            }
+        )
+        self._request_admission(session_id, creation_timeout)
+        self._await_admission(session_id, creation_timeout)
+        return Session(self, session_id)
+
+    def _request_admission(self, session_id: str, creation_timeout: float) -> None:
+        queue = self.creation_queue
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(
+                {"session_id": session_id},
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                serializer="json",
+                retry=True,
+                retry_policy={"max_retries": 3},
+                expiration=creation_timeout,
+            )
+
+    def _await_admission(self, session_id: str, creation_timeout: float) -> None:
+        deadline = time.monotonic() + creation_timeout
+        delay = _POLL_START
+        while True:
+            status = self.store.get_status(session_id)
+            if status == OPEN:
+                return
+            if status != PENDING:
+                raise SessionCreationTimeout(f"session {session_id} was abandoned ({status})")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX)
+        if self.store.abandon_pending(session_id, "creation_timeout"):
+            raise SessionCreationTimeout(
+                f"no worker admitted the session within {creation_timeout} s: are workers "
+                "running with SessionFlow(app), and below their --max-sessions cap?"
+            )
+        # A worker admitted it between our last look and the abandon attempt.
+
+    def get_session(self, session_id: str) -> Session:
+        """The session with this id, from any process; raises SessionNotFound."""
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidArgument("session_id must be a non-empty string")
+        row = self.store.get_session(session_id)
+        if row is None or row["status"] == PENDING:
+            raise SessionNotFound(f"no session {session_id!r} in the store")
+        return Session(self, session_id)
+
+    def list_sessions(
+        self,
+        state: SessionState | str | None = None,
+        user_id: str | None = None,
+        hostname: str | None = None,
+    ) -> list[Session]:
+        """Sessions in the store, oldest first, optionally filtered."""
+        status = None
+        if state is not None:
+            try:
+                status = SessionState(state).value
+            except ValueError:
+                raise InvalidArgument(
+                    f"state must be one of {[s.value for s in SessionState]}, got {state!r}"
+                ) from None
+        _optional_str("user_id", user_id)
+        _optional_str("hostname", hostname)
+        rows = self.store.list_sessions(status, user_id, hostname)
+        return [Session(self, row["id"]) for row in rows]
+
+    # -- ending sessions --------------------------------------------------
+
+    def end_session(self, session_id: str, status: str, reason: str) -> bool:
+        """Close or fail an open session and resolve its unstarted tasks; False if not open."""
+        cancelled = self.store.end_session(session_id, status, reason)
+        if cancelled is None:
+            return False
+        self.resolve_cancelled(session_id, status, reason, cancelled)
+        return True
+
+    def resolve_cancelled(
+        self, session_id: str, status: str, reason: str, task_ids: Iterable[str]
+    ) -> None:
+        """Give tasks that will never run a terminal result so no ``.get()`` hangs."""
+        backend = self.app.backend
+        if isinstance(backend, DisabledBackend):
+            return
+        error = ended_error(session_id, status, reason)
+        for task_id in task_ids:
+            try:
+                backend.store_result(task_id, error, states.FAILURE)
+            except Exception:  # the next reader of this task sees a clear log line
+                logger.exception("could not store %s for task %s", type(error).__name__, task_id)
+
+
+def _positive(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _optional_str(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidArgument(f"{name} must be a non-empty string or None, got {value!r}")
+
+
+def _json_dict(name: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{name} must be a dict of JSON values, got {type(value).__name__}")
+    try:
+        return dict(json.loads(json.dumps(value, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{name} must hold only JSON values: {exc}") from None
