@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from .errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///sessionflow.db"
 _QUEUE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,16 @@ class Config:
         return f"{self.queue_prefix}.create"
 
     def worker_queue(self, nodename: str) -> str:
-        """Name of the session queue of the worker called ``nodename``."""
-        return f"{self.queue_prefix}.worker.{nodename}"
+        """Name of the session queue of the worker called ``nodename``.
+
+        Stable for a nodename, so a restarted worker finds its queue again. Characters
+        some transports reject in names (``@`` for the filesystem transport) are
+        replaced, with a short digest keeping distinct nodenames apart.
+        """
+        safe = _UNSAFE_RE.sub("_", nodename)
+        if safe != nodename:
+            safe += "-" + hashlib.sha1(nodename.encode()).hexdigest()[:8]
+        return f"{self.queue_prefix}.worker.{safe}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -55,6 +55,7 @@ class Admission(bootsteps.StartStopStep):
         self.channel: Any = None
         self.paused = False
         self.timers: list[Any] = []
+        self.started = False
 
     def start(self, c: Any) -> None:
         settings = c.controller.sessionflow
@@ -81,6 +82,7 @@ class Admission(bootsteps.StartStopStep):
             c.timer.call_repeatedly(config.admission_poll_interval, self._tick),
             c.timer.call_repeatedly(config.heartbeat_interval, self._heartbeat),
         ]
+        self.started = True
         logger.info(
             "sessionflow: %s admits up to %d sessions; session queue %s",
             self.nodename,
@@ -103,6 +105,8 @@ class Admission(bootsteps.StartStopStep):
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
+        if not self.started:
+            return
         try:
             self.flow.store.worker_offline(self.nodename)
         except SessionFlowError:

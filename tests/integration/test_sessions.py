@@ -1,0 +1,224 @@
+"""Sessions on real workers: creation, pinning of every canvas shape, completion."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from celery import chain, chord, group
+
+from harness import Stack, wait_until
+from sessionflow import (
+    InvalidArgument,
+    SessionClosed,
+    SessionCreationTimeout,
+    SessionFlow,
+    SessionNotFound,
+    SessionState,
+)
+
+pytestmark = pytest.mark.integration
+GET = 30  # seconds a result may take before the test counts it as hung
+
+
+def task(stack: Stack, name: str) -> Any:
+    return stack.app.tasks[f"sfapp.{name}"]
+
+
+def hosts(value: Any) -> set[str]:
+    """Every worker hostname in a (nested) result of sfapp.where."""
+    if isinstance(value, dict):
+        found = {value["hostname"]} if "hostname" in value else set()
+        for item in value.get("args", []):
+            found |= hosts(item)
+        return found
+    if isinstance(value, list):
+        return set().union(*(hosts(v) for v in value)) if value else set()
+    return set()
+
+
+def test_create_reports_worker_and_metadata(stack: Stack, flow: SessionFlow) -> None:
+    with flow.create_session(
+        creation_timeout=30,
+        execution_timeout=600,
+        user_id="u1",
+        agent_id="a1",
+        metadata={"k": [1, 2]},
+    ) as s:
+        info = s.info
+        assert info.state is SessionState.OPEN
+        assert info.hostname in {w.nodename for w in stack.workers.values()}
+        assert (info.user_id, info.agent_id, info.metadata) == ("u1", "a1", {"k": [1, 2]})
+        assert info.session_id == s.id and info.recreate_token
+    assert s.info.state is SessionState.CLOSED and s.info.reason == "completed"
+
+
+def test_single_tasks_pinned(stack: Stack, flow: SessionFlow) -> None:
+    where = task(stack, "where")
+    with flow.create_session(creation_timeout=30, execution_timeout=600) as s:
+        results = [s.apply_async(where, args=(i,)).get(timeout=GET) for i in range(8)]
+        results.append(s.apply_async(where.s(99)).get(timeout=GET))
+    assert {r["hostname"] for r in results} == {s.info.hostname}
+    assert {r["session"] for r in results} == {s.id}
+
+
+def test_sessions_spread_and_each_stays_pinned(stack: Stack, flow: SessionFlow) -> None:
+    where = task(stack, "where")
+    sessions = [flow.create_session(creation_timeout=30, execution_timeout=600) for _ in range(4)]
+    try:
+        assert {s.info.hostname for s in sessions} == {w.nodename for w in stack.workers.values()}
+        pending = [(s, s.apply_async(where, args=(i,))) for s in sessions for i in range(5)]
+        for s, result in pending:
+            assert result.get(timeout=GET)["hostname"] == s.info.hostname
+    finally:
+        for s in sessions:
+            s.complete()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["chain", "group", "chord", "nested", "chain_ending_in_group"],
+)
+def test_canvas_pinned(stack: Stack, flow: SessionFlow, shape: str) -> None:
+    where, collect = task(stack, "where"), task(stack, "collect")
+    canvases = {
+        "chain": lambda: chain(where.s(1), where.s(), where.s()),
+        "group": lambda: group(where.s(i) for i in range(6)),
+        "chord": lambda: chord((where.s(i) for i in range(4)), collect.s()),
+        "nested": lambda: chain(
+            where.s(1),
+            group(where.s(), chain(where.s(), where.s())),
+            collect.s(),
+            chord([where.s(), where.s()], collect.s()),
+        ),
+        "chain_ending_in_group": lambda: chain(where.s(1), group(where.s(), where.s())),
+    }
+    with flow.create_session(creation_timeout=30, execution_timeout=600) as s:
+        value = s.apply_async(canvases[shape]()).get(timeout=GET)
+        expected = s.info.hostname
+    seen = hosts(value)
+    assert seen == {expected}
+
+
+def test_current_session_inside_tasks(stack: Stack, flow: SessionFlow) -> None:
+    where, spawn = task(stack, "where"), task(stack, "spawn")
+    assert where.apply_async(args=(1,)).get(timeout=GET)["session"] is None
+    with flow.create_session(creation_timeout=30, execution_timeout=600) as s:
+        child_id = s.apply_async(spawn, args=("x",)).get(timeout=GET)
+        child = stack.app.AsyncResult(child_id).get(timeout=GET)
+        assert child["session"] == s.id and child["hostname"] == s.info.hostname
+        assert s.apply_async(task(stack, "nested_create")).get(timeout=GET) == "NestedSessionError"
+
+
+def test_cap_creation_timeout_and_slot_freed_by_complete(stack: Stack, flow: SessionFlow) -> None:
+    # Two workers with --max-sessions 2 each: four sessions fill them.
+    sessions = [flow.create_session(creation_timeout=30, execution_timeout=600) for _ in range(4)]
+    counts: dict[str, int] = {}
+    for s in sessions:
+        counts[s.info.hostname] = counts.get(s.info.hostname, 0) + 1
+    assert sorted(counts.values()) == [2, 2]
+    started = time.monotonic()
+    with pytest.raises(SessionCreationTimeout):
+        flow.create_session(creation_timeout=2, execution_timeout=600)
+    assert 2 <= time.monotonic() - started < 10
+    # The request that timed out never becomes an open session later.
+    time.sleep(1.0)
+    assert len(flow.list_sessions(state="open")) == 4
+    freed = sessions.pop(0)
+    freed_host = freed.info.hostname
+    freed.complete()
+    late = flow.create_session(creation_timeout=30, execution_timeout=600)
+    sessions.append(late)
+    assert late.info.hostname == freed_host
+    assert len(flow.list_sessions(state="open")) == 4
+    assert all(
+        failed.info.reason == "creation_timeout"
+        for failed in flow.list_sessions(state="failed")
+        if failed.info.opened_at is None
+    )
+    for s in sessions:
+        s.complete()
+
+
+def test_unstarted_tasks_of_completed_session_do_not_run(stack: Stack, flow: SessionFlow) -> None:
+    sleep, touch = task(stack, "sleep"), task(stack, "touch")
+    data = stack.root / "data"
+    s = flow.create_session(creation_timeout=30, execution_timeout=600)
+    # Both pool processes of the worker are busy; the touches wait behind them.
+    busy = [s.apply_async(sleep, args=(2,)) for _ in range(2)]
+    wait_until(
+        lambda: all(r.state == "STARTED" or _started(flow, r.id) for r in busy),
+        20,
+        "the sleeps to start",
+    )
+    names = [f"touch-{s.id}-{i}" for i in range(4)]
+    touches = [s.apply_async(touch, args=(name,)) for name in names]
+    chained = s.apply_async(chain(touch.s(f"{names[0]}-c1"), touch.si(f"{names[0]}-c2")))
+    s.complete()
+    assert [r.get(timeout=GET) for r in busy] == [2, 2]  # running tasks finish
+    for result in [*touches, chained, chained.parent]:
+        with pytest.raises(SessionClosed):
+            result.get(timeout=GET)
+    time.sleep(1.0)  # give a wrongly run task time to leave its trace
+    assert not [p.name for p in data.iterdir() if p.name.startswith(f"touch-{s.id}")]
+
+
+def _started(flow: SessionFlow, task_id: str) -> bool:
+    with flow.store._read() as conn:  # noqa: SLF001 - test peeks at the store
+        from sqlalchemy import select
+
+        from sessionflow.models import session_tasks
+
+        state = conn.execute(
+            select(session_tasks.c.state).where(session_tasks.c.task_id == task_id)
+        ).scalar()
+    return state == "started"
+
+
+def test_apply_async_after_complete_raises(stack: Stack, flow: SessionFlow) -> None:
+    where = task(stack, "where")
+    s = flow.create_session(creation_timeout=30, execution_timeout=600)
+    s.complete()
+    s.complete()  # idempotent
+    with pytest.raises(SessionClosed) as err:
+        s.apply_async(where, args=(1,))
+    assert err.value.session_id == s.id and err.value.reason == "completed"
+
+
+def test_resume_from_second_process(stack: Stack, flow: SessionFlow) -> None:
+    with flow.create_session(creation_timeout=30, execution_timeout=600, user_id="resumer") as s:
+        out = stack.run_client(
+            "from sessionflow import SessionFlow\n"
+            f"s = SessionFlow(app).get_session({s.id!r})\n"
+            "r = s.apply_async(app.tasks['sfapp.where'], args=('remote',)).get(timeout=30)\n"
+            "print(r['hostname'], s.info.user_id, s.info.state.value)\n"
+        )
+        assert out.split() == [s.info.hostname, "resumer", "open"]
+        assert s in flow.list_sessions(user_id="resumer", state="open")
+        assert s in flow.list_sessions(hostname=s.info.hostname)
+
+
+def test_errors(stack: Stack, flow: SessionFlow) -> None:
+    where = task(stack, "where")
+    with pytest.raises(SessionNotFound):
+        flow.get_session("no-such-session")
+    for bad in (
+        {"creation_timeout": 0, "execution_timeout": 1},
+        {"creation_timeout": 1, "execution_timeout": -1},
+        {"creation_timeout": "1", "execution_timeout": 1},
+        {"creation_timeout": 1, "execution_timeout": 1, "metadata": {"x": object()}},
+        {"creation_timeout": 1, "execution_timeout": 1, "user_id": 5},
+    ):
+        with pytest.raises(InvalidArgument):
+            flow.create_session(**bad)
+    with pytest.raises(InvalidArgument):
+        flow.list_sessions(state="bogus")
+    with flow.create_session(creation_timeout=30, execution_timeout=600) as s:
+        with pytest.raises(InvalidArgument):
+            s.apply_async(where, queue="elsewhere")
+        with pytest.raises(InvalidArgument):
+            s.apply_async("sfapp.where")
+        with pytest.raises(InvalidArgument):
+            s.apply_async(where, args=5)
+        assert s.apply_async(where, args=(1,)).get(timeout=GET)["session"] == s.id
