@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "integration"))
 
-from harness import SPECS, Stack, service_up  # noqa: E402
+from harness import SPECS, Stack, service_up
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

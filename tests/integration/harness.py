@@ -1,4 +1,4 @@
-"""Start real ``celery worker`` processes on a broker × store combination."""
+"""Start real ``celery worker`` processes on a broker x store combination."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ HOSTNAME = socket.gethostname()
 
 @dataclass(frozen=True)
 class StackSpec:
-    """One broker × result backend × store combination."""
+    """One broker x result backend x store combination."""
 
     name: str
     broker: str  # filesystem | redis | amqp
@@ -272,7 +272,7 @@ class Stack:
             for name in names:
                 try:
                     channel.queue_delete(name)
-                except Exception:  # noqa: BLE001 - best effort cleanup
+                except Exception:
                     channel = conn.channel()
 
 

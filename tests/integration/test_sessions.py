@@ -165,7 +165,7 @@ def test_unstarted_tasks_of_completed_session_do_not_run(stack: Stack, flow: Ses
 
 
 def _started(flow: SessionFlow, task_id: str) -> bool:
-    with flow.store._read() as conn:  # noqa: SLF001 - test peeks at the store
+    with flow.store._read() as conn:
         from sqlalchemy import select
 
         from sessionflow.models import session_tasks
