@@ -16,6 +16,7 @@ from celery.backends.base import DisabledBackend
 from kombu import Exchange, Queue
 
 from . import canvas
+from .celery_ext.tracing import Middleware
 from .config import Config, load_config
 from .context import current_session
 from .errors import (
@@ -51,6 +52,8 @@ class SessionFlow:
             return existing
         self = super().__new__(cls)
         self.app = app
+        self.middleware: list[Middleware] = []
+        self.worker_nodename: str | None = None
         setattr(app, _APP_ATTR, self)
         self._install()
         return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +72,15 @@ class SessionRow(Base):
     deadline_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
     last_activity_at: Mapped[datetime | None]
+    heartbeat_timeout: Mapped[float] = mapped_column(Float, default=10.0)
+    ttl: Mapped[float | None] = mapped_column(Float)
+    idle_timeout: Mapped[float | None] = mapped_column(Float)
+    max_turns: Mapped[int | None] = mapped_column(Integer)
+    survive_restart: Mapped[bool] = mapped_column(Boolean, default=False)
+    affinity: Mapped[str] = mapped_column(String(8), default="hard")
+    expires_at: Mapped[datetime | None]
+    recreated_from: Mapped[str | None] = mapped_column(String(64))
+    target_worker: Mapped[str | None] = mapped_column(String(255))
 
 
 class SessionTask(Base):

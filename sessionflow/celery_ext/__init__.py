@@ -8,12 +8,12 @@ from celery import signals
 from click import Option
 
 from .steps import Admission, SessionWorker
-from .tracing import wrap_tracers
+from .tracing import Middleware, TaskRun, current_run, wrap_tracers
 
 if TYPE_CHECKING:
     from ..flow import SessionFlow
 
-__all__ = ["Admission", "SessionWorker", "install"]
+__all__ = ["Admission", "Middleware", "SessionWorker", "TaskRun", "current_run", "install"]
 
 
 def install(flow: SessionFlow) -> None:
@@ -33,6 +33,7 @@ def install(flow: SessionFlow) -> None:
 
     def _on_process_init(**_: Any) -> None:
         # prefork children rebuild every task's tracer right before this signal.
-        wrap_tracers(flow)
+        if flow.worker_nodename:
+            wrap_tracers(flow, flow.worker_nodename)
 
     signals.worker_process_init.connect(_on_process_init, weak=False)

@@ -41,6 +41,7 @@ class SessionWorker(bootsteps.StartStopStep):
         queue = make_queue(flow.config.worker_queue(w.hostname))
         w.app.amqp.queues.select_add(queue)
         w.sessionflow = {"flow": flow, "cap": cap, "queue": queue.name}
+        flow.worker_nodename = w.hostname  # pool processes forked later inherit it
 
 
 class Admission(bootsteps.StartStopStep):
@@ -63,7 +64,7 @@ class Admission(bootsteps.StartStopStep):
         self.cap: int = settings["cap"]
         self.queue: str = settings["queue"]
         self.nodename: str = c.hostname
-        wrap_tracers(self.flow)  # solo/threads pools run tasks in this process
+        wrap_tracers(self.flow, self.nodename)  # solo/threads pools run tasks in this process
         store = self.flow.store
         store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
         self.channel = c.connection.channel()

@@ -4,17 +4,23 @@ Celery runs a task through ``task.__trace__``; wrapping it is the one place
 that sees each execution right before it begins, in prefork children as well
 as in solo and thread pools. A task whose session is no longer open does not
 run: it fails with SessionClosed/SessionFailed instead.
+
+The task body (``task.run``) is wrapped too, so middleware can act after the
+body returned but before Celery stores the result (and so before a chord body
+or a waiting caller can see it).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from billiard.einfo import ExceptionInfo
 from celery import states
 from celery.app.task import Context
-from celery.app.trace import TraceInfo, trace_ok_t
+from celery.app.trace import TraceInfo, build_tracer, trace_ok_t
 
 from ..canvas import SESSION_HEADER
 from ..session import ended_error
@@ -33,6 +39,39 @@ _FINISHED = {
 }
 
 
+@dataclass
+class TaskRun:
+    """One execution of a session task in this process."""
+
+    session_id: str
+    task_id: str
+    task_name: str
+    worker: str
+    request: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Middleware:
+    """Hooks around session task executions; subclasses override what they need."""
+
+    def before_body(self, run: TaskRun) -> None:
+        """The session is open and the body is about to run."""
+
+    def after_body(self, run: TaskRun, retval: Any) -> None:
+        """The body returned ``retval``; its result is not stored yet."""
+
+    def after_task(self, run: TaskRun, state: str) -> None:
+        """The execution ended in Celery ``state`` and its result is stored."""
+
+
+_current = threading.local()
+
+
+def current_run() -> TaskRun | None:
+    """The session task executing in this thread, if any."""
+    return getattr(_current, "run", None)
+
+
 class SessionTracer:
     """Wraps a task's tracer: checks its session at start, records its end."""
 
@@ -49,14 +88,32 @@ class SessionTracer:
         worker = request.get("hostname") or ""
         if not store.task_started(session_id, uuid, self.task.name, worker):
             return self._refuse(session_id, uuid, args, kwargs, request)
-        result = self.inner(uuid, args, kwargs, request)
-        info = result[1]
-        state = _FINISHED.get(info.state, TASK_FAILED) if info is not None else TASK_SUCCEEDED
+        run = TaskRun(session_id, uuid, self.task.name, worker, request)
+        _current.run = run
+        state = states.FAILURE
         try:
-            store.task_finished(uuid, state)
+            for middleware in self.flow.middleware:
+                middleware.before_body(run)
+            result = self.inner(uuid, args, kwargs, request)
+            info = result[1]
+            state = info.state if info is not None else states.SUCCESS
+            return result
+        finally:
+            _current.run = None
+            self._finish(run, state)
+
+    def _finish(self, run: TaskRun, state: str) -> None:
+        try:
+            self.flow.store.task_finished(run.task_id, _FINISHED.get(state, TASK_FAILED))
         except Exception:  # the result is stored already; do not turn success into failure
-            logger.exception("could not record the end of session task %s", uuid)
-        return result
+            logger.exception("could not record the end of session task %s", run.task_id)
+        for middleware in self.flow.middleware:
+            try:
+                middleware.after_task(run, state)
+            except Exception:
+                logger.exception(
+                    "sessionflow middleware %r failed after %s", middleware, run.task_id
+                )
 
     def _refuse(self, session_id: str, uuid: str, args: Any, kwargs: Any, request: Any) -> Any:
         row = self.flow.store.get_session(session_id)
@@ -71,10 +128,33 @@ class SessionTracer:
         return trace_ok_t(einfo, TraceInfo(states.FAILURE, error), 0.0, None)
 
 
-def wrap_tracers(flow: SessionFlow) -> None:
-    """Wrap the tracer of every task of the app (idempotent)."""
-    for task in flow.app.tasks.values():
-        inner = getattr(task, "__trace__", None)
-        if inner is None or isinstance(inner, SessionTracer):
+class SessionBody:
+    """Wraps ``task.run``: middleware sees the return value before it is stored."""
+
+    def __init__(self, flow: SessionFlow, run: Any) -> None:
+        self.flow = flow
+        self.run = run
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        retval = self.run(*args, **kwargs)
+        run = current_run()
+        if run is not None:
+            for middleware in self.flow.middleware:
+                middleware.after_body(run, retval)
+        return retval
+
+
+def wrap_tracers(flow: SessionFlow, hostname: str) -> None:
+    """Wrap the body and tracer of every task of the app (idempotent).
+
+    The tracer is rebuilt the way Celery builds it (``process_initializer``,
+    ``Consumer.update_strategies``) so that it calls the wrapped body.
+    """
+    app = flow.app
+    for name, task in app.tasks.items():
+        if isinstance(getattr(task, "__trace__", None), SessionTracer):
             continue
+        if not isinstance(task.__dict__.get("run"), SessionBody):
+            task.run = SessionBody(flow, task.run)
+        inner = build_tracer(name, task, app.loader, hostname, app=app)
         task.__trace__ = SessionTracer(flow, task, inner)
