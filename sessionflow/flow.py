@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -32,6 +32,8 @@ logger = logging.getLogger("sessionflow")
 
 _APP_ATTR = "_sessionflow"
 _POLL_START, _POLL_MAX = 0.001, 0.05
+MERGE_POLICIES = ("last_write_wins", "raise")
+BUILTIN_REDUCERS = ("append", "sum", "max", "min", "union", "merge")
 
 
 def make_queue(name: str) -> Queue:
@@ -54,6 +56,7 @@ class SessionFlow:
         self.app = app
         self.middleware: list[Middleware] = []
         self.worker_nodename: str | None = None
+        self.reducers: dict[str, Callable[[Any, Any], Any]] = {}
         setattr(app, _APP_ATTR, self)
         self._install()
         return self
@@ -108,33 +111,119 @@ class SessionFlow:
         user_id: str | None = None,
         agent_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        heartbeat_timeout: float = 10,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
+        max_turns: int | None = None,
+        survive_restart: bool = False,
+        affinity: str = "hard",
+        merge: str = "last_write_wins",
+        reducers: dict[str, str] | None = None,
     ) -> Session:
         """Wait until a worker below its cap admits a new session, and return it.
 
         Raises :class:`SessionCreationTimeout` after ``creation_timeout`` seconds.
         """
-        _positive("creation_timeout", creation_timeout)
-        _positive("execution_timeout", execution_timeout)
-        _optional_str("user_id", user_id)
-        _optional_str("agent_id", agent_id)
-        metadata = _json_dict("metadata", metadata)
+        options = self._session_options(
+            creation_timeout=creation_timeout,
+            execution_timeout=execution_timeout,
+            user_id=user_id,
+            agent_id=agent_id,
+            metadata=metadata,
+            heartbeat_timeout=heartbeat_timeout,
+            ttl=ttl,
+            idle_timeout=idle_timeout,
+            max_turns=max_turns,
+            survive_restart=survive_restart,
+            affinity=affinity,
+            merge=merge,
+            reducers=reducers,
+        )
         if current_session() is not None:
             raise NestedSessionError(
                 "this task already runs in a session; use current_session().apply_async() "
                 "to add work to it instead of creating a session inside it"
             )
+        return self._create(options, creation_timeout)
+
+    def _session_options(
+        self,
+        *,
+        creation_timeout: Any,
+        execution_timeout: Any,
+        user_id: Any,
+        agent_id: Any,
+        metadata: Any,
+        heartbeat_timeout: Any,
+        ttl: Any,
+        idle_timeout: Any,
+        max_turns: Any,
+        survive_restart: Any,
+        affinity: Any,
+        merge: Any,
+        reducers: Any,
+    ) -> dict[str, Any]:
+        """Validate session options into store column values; raises InvalidArgument."""
+        _positive("creation_timeout", creation_timeout)
+        _positive("execution_timeout", execution_timeout)
+        _positive("heartbeat_timeout", heartbeat_timeout)
+        for name, value in (("ttl", ttl), ("idle_timeout", idle_timeout)):
+            if value is not None:
+                _positive(name, value)
+        if max_turns is not None and (
+            isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1
+        ):
+            raise InvalidArgument(f"max_turns must be a positive whole number, got {max_turns!r}")
+        if not isinstance(survive_restart, bool):
+            raise InvalidArgument(f"survive_restart must be True or False, got {survive_restart!r}")
+        if affinity not in ("hard", "soft"):
+            raise InvalidArgument(f"affinity must be 'hard' or 'soft', got {affinity!r}")
+        if merge not in MERGE_POLICIES:
+            raise InvalidArgument(f"merge must be one of {MERGE_POLICIES}, got {merge!r}")
+        _optional_str("user_id", user_id)
+        _optional_str("agent_id", agent_id)
+        return {
+            "user_id": user_id,
+            "agent_id": agent_id,
+            "metadata": _json_dict("metadata", metadata),
+            "creation_timeout": float(creation_timeout),
+            "execution_timeout": float(execution_timeout),
+            "heartbeat_timeout": float(heartbeat_timeout),
+            "ttl": None if ttl is None else float(ttl),
+            "idle_timeout": None if idle_timeout is None else float(idle_timeout),
+            "max_turns": max_turns,
+            "survive_restart": survive_restart,
+            "affinity": affinity,
+            "merge_policy": merge,
+            "reducers": self._check_reducers(reducers),
+        }
+
+    def register_reducer(self, name: str, function: Callable[[Any, Any], Any]) -> None:
+        """Make ``function(current, incoming) -> merged`` usable as a reducer by ``name``."""
+        if not isinstance(name, str) or not name or name in BUILTIN_REDUCERS:
+            raise InvalidArgument(
+                f"reducer name must be a non-empty string other than {BUILTIN_REDUCERS}"
+            )
+        if not callable(function):
+            raise InvalidArgument(f"reducer {name!r} must be callable")
+        self.reducers[name] = function
+
+    def _check_reducers(self, reducers: Any) -> dict[str, str] | None:
+        if reducers is None:
+            return None
+        if not isinstance(reducers, dict) or not all(isinstance(k, str) for k in reducers):
+            raise InvalidArgument("reducers must be a dict of state key -> reducer name")
+        for key, name in reducers.items():
+            if name not in BUILTIN_REDUCERS and name not in self.reducers:
+                raise InvalidArgument(
+                    f"unknown reducer {name!r} for key {key!r}: use one of {BUILTIN_REDUCERS} "
+                    "or register it with flow.register_reducer(name, function) in every process"
+                )
+        return dict(reducers)
+
+    def _create(self, options: dict[str, Any], creation_timeout: float) -> Session:
         session_id = str(uuid.uuid4())
-        self.store.create_pending(
-            {
-                "id": session_id,
-                "user_id": user_id,
-                "agent_id": agent_id,
-                "metadata": metadata,
-                "creation_timeout": float(creation_timeout),
-                "execution_timeout": float(execution_timeout),
-                "created_at": utcnow(),
-            }
-        )
+        self.store.create_pending({"id": session_id, "created_at": utcnow(), **options})
         self._request_admission(session_id, creation_timeout)
         self._await_admission(session_id, creation_timeout)
         return Session(self, session_id)

@@ -81,6 +81,8 @@ class SessionRow(Base):
     expires_at: Mapped[datetime | None]
     recreated_from: Mapped[str | None] = mapped_column(String(64))
     target_worker: Mapped[str | None] = mapped_column(String(255))
+    merge_policy: Mapped[str] = mapped_column(String(32), default="last_write_wins")
+    reducers: Mapped[dict[str, Any] | None]
 
 
 class SessionTask(Base):

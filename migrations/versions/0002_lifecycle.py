@@ -1,4 +1,4 @@
-"""Session lifecycle options: heartbeat timeout, TTL, idle timeout, turns, restart, affinity.
+"""Session options: heartbeat timeout, TTL, idle timeout, turns, restart, affinity, merging.
 
 Revision ID: 0002
 Revises: 0001
@@ -28,12 +28,17 @@ def upgrade() -> None:
         batch.add_column(sa.Column("expires_at", sa.DateTime(timezone=True)))
         batch.add_column(sa.Column("recreated_from", sa.String(64)))
         batch.add_column(sa.Column("target_worker", sa.String(255)))
+        batch.add_column(
+            sa.Column("merge_policy", sa.String(32), nullable=False,
+                      server_default="last_write_wins")
+        )
+        batch.add_column(sa.Column("reducers", sa.JSON))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("sf_sessions") as batch:
         for column in (
-            "target_worker", "recreated_from", "expires_at", "affinity", "survive_restart",
+            "reducers", "merge_policy", "target_worker", "recreated_from", "expires_at", "affinity", "survive_restart",
             "max_turns", "idle_timeout", "ttl", "heartbeat_timeout",
         ):
             batch.drop_column(column)
