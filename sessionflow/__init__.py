@@ -12,10 +12,16 @@ from .errors import (
     SessionFailed,
     SessionFlowError,
     SessionNotFound,
+    SessionTaskLost,
+    StateConflict,
+    StateValueError,
     StoreError,
+    TurnLimitExceeded,
 )
 from .flow import SessionFlow
+from .history import RunRecord
 from .session import Session, SessionInfo, SessionState
+from .state import State
 
 __version__ = "0.1.0"
 
@@ -26,6 +32,9 @@ __all__ = [
     "SessionInfo",
     "SessionState",
     "current_session",
+    # state and history
+    "RunRecord",
+    "State",
     # errors
     "ConfigurationError",
     "InvalidArgument",
@@ -37,5 +46,9 @@ __all__ = [
     "SessionFailed",
     "SessionFlowError",
     "SessionNotFound",
+    "SessionTaskLost",
+    "StateConflict",
+    "StateValueError",
     "StoreError",
+    "TurnLimitExceeded",
 ]

@@ -13,9 +13,10 @@ from typing import Any
 
 from celery import Signature
 from celery.canvas import _chain, _chord, group, maybe_signature
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from .errors import InvalidArgument
+from .runtime import current_run
 
 SESSION_HEADER = "sessionflow_session"
 QUEUE_HEADER = "sessionflow_queue"
@@ -110,4 +111,12 @@ def route_session_task(
     queue = headers.get(QUEUE_HEADER)
     if not queue:
         return None
+    run = current_run()
+    if run is not None and run.queue and run.session_id == headers.get(SESSION_HEADER):
+        queue = run.queue  # sent from a task of the session: its queue may have moved
     return {"queue": Queue(queue, routing_key=queue), "exchange": "", "routing_key": queue}
+
+
+def make_queue(name: str) -> Queue:
+    """A durable direct queue bound under its own name (what Celery creates for ``-Q``)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 from celery import Celery
-from celery.utils.imports import symbol_by_name
+from celery.app.utils import find_app
+from celery.utils.imports import import_from_cwd, symbol_by_name
 
 from .config import Config, load_config
 from .errors import SessionFlowError
@@ -16,20 +17,19 @@ def _config(url: str | None, app: str | None) -> Config:
     if url and app:
         raise click.UsageError("give --url or -A/--app, not both")
     if app:
-        celery_app = symbol_by_name(app, imp=_import_app)
-        return load_config(celery_app.conf)
+        return load_config(_find_app(app).conf)
     return Config(database_url=url) if url else Config()
 
 
-def _import_app(name: str) -> object:
-    import importlib
-
-    module = importlib.import_module(name)
-    for attr in ("app", "celery"):
-        candidate = getattr(module, attr, None)
-        if isinstance(candidate, Celery):
-            return candidate
-    return module
+def _find_app(name: str) -> Celery:
+    """Find a Celery app the way ``celery -A`` does (module, module:attr, cwd on path)."""
+    try:
+        app = find_app(name, symbol_by_name=symbol_by_name, imp=import_from_cwd)
+    except Exception as exc:
+        raise click.ClickException(f"cannot load the Celery app {name!r}: {exc}") from exc
+    if not isinstance(app, Celery):
+        raise click.ClickException(f"{name!r} is not a Celery app")
+    return app
 
 
 _url = click.option("--url", help="SQLAlchemy database URL of the session store.")
@@ -67,8 +67,7 @@ def sessions_cmd(
     state: str | None, user_id: str | None, hostname: str | None, app_name: str
 ) -> None:
     """List sessions."""
-    celery_app = symbol_by_name(app_name, imp=_import_app)
-    flow = SessionFlow(celery_app)
+    flow = SessionFlow(_find_app(app_name))
     try:
         for session in flow.list_sessions(state=state, user_id=user_id, hostname=hostname):
             info = session.info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,11 @@ class Config:
     queue_prefix: str = "sessionflow"
     heartbeat_interval: float = 1.0
     admission_poll_interval: float = 0.2
+    monitor_interval: float = 0.5
     secret_key: str | None = None
+    state_max_value_bytes: int = 1_048_576
+    state_max_session_bytes: int = 16_777_216
+    history_max_runs: int = 1000
 
     @property
     def creation_queue(self) -> str:
@@ -38,14 +43,22 @@ class Config:
         some transports reject in names (``@`` for the filesystem transport) are
         replaced, with a short digest keeping distinct nodenames apart.
         """
-        safe = _UNSAFE_RE.sub("_", nodename)
-        if safe != nodename:
-            safe += "-" + hashlib.sha1(nodename.encode()).hexdigest()[:8]
-        return f"{self.queue_prefix}.worker.{safe}"
+        return f"{self.queue_prefix}.worker.{_safe(nodename)}"
+
+    def worker_creation_queue(self, nodename: str) -> str:
+        """Queue of creation requests addressed to one worker (recreate_session)."""
+        return f"{self.queue_prefix}.create.{_safe(nodename)}"
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _safe(nodename: str) -> str:
+    safe = _UNSAFE_RE.sub("_", nodename)
+    if safe != nodename:
+        safe += "-" + hashlib.sha1(nodename.encode()).hexdigest()[:8]
+    return safe
 
 
 _FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -55,7 +68,11 @@ _FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "queue_prefix": (str, "letters, digits, '.', '_' or '-'"),
     "heartbeat_interval": ((int, float), "a positive number of seconds"),
     "admission_poll_interval": ((int, float), "a positive number of seconds"),
+    "monitor_interval": ((int, float), "a positive number of seconds"),
     "secret_key": (str, "a long random string (used to sign recreate tokens)"),
+    "state_max_value_bytes": (int, "a positive number of bytes (one state value as JSON)"),
+    "state_max_session_bytes": (int, "a positive number of bytes (all values of one scope)"),
+    "history_max_runs": (int, "a positive number of task runs kept per session"),
 }
 
 
@@ -90,9 +107,19 @@ def _check(config: Config) -> None:
             "app.conf.sessionflow_max_concurrent_sessions must be at least 1, "
             f"got {config.max_concurrent_sessions}"
         )
-    for name in ("heartbeat_interval", "admission_poll_interval"):
-        if getattr(config, name) <= 0:
-            raise ConfigurationError(f"app.conf.sessionflow_{name} must be a positive number")
+    for name in (
+        "heartbeat_interval",
+        "admission_poll_interval",
+        "monitor_interval",
+        "state_max_value_bytes",
+        "state_max_session_bytes",
+        "history_max_runs",
+    ):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigurationError(
+                f"app.conf.sessionflow_{name} = {value!r}: use a positive, finite number"
+            )
     if not _QUEUE_PREFIX_RE.match(config.queue_prefix):
         raise ConfigurationError(
             f"app.conf.sessionflow_queue_prefix = {config.queue_prefix!r}: "

@@ -58,3 +58,33 @@ class SessionClosed(SessionEnded):
 
 class SessionFailed(SessionEnded):
     """The session failed (e.g. its worker was lost); ``reason`` says why."""
+
+
+class StateValueError(SessionFlowError, ValueError):
+    """A state value is not JSON, or exceeds a size limit; nothing was written."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message, key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StateConflict(SessionFlowError):
+    """A state write lost a race (``keys`` changed since read) or branches conflicted."""
+
+    def __init__(self, message: str, keys: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message, list(keys))
+        self.keys = list(keys)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SessionTaskLost(SessionFailed):
+    """The task was running when its worker process died; it did not finish."""
+
+
+class TurnLimitExceeded(SessionFlowError):
+    """Sending these tasks would take the session past its ``max_turns``."""

@@ -7,26 +7,28 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
-from celery import Celery, states
-from celery.backends.base import DisabledBackend
-from kombu import Exchange, Queue
+from celery import Celery
+from kombu import Queue
 
-from . import canvas
+from . import canvas, tokens
+from .canvas import make_queue
 from .celery_ext.tracing import Middleware
 from .config import Config, load_config
 from .context import current_session
 from .errors import (
     InvalidArgument,
+    InvalidRecreateToken,
     NestedSessionError,
     SessionCreationTimeout,
     SessionNotFound,
 )
-from .session import Session, SessionState, ended_error
-from .store import OPEN, PENDING, Store, utcnow
+from .lifecycle import Lifecycle
+from .session import Session, SessionState
+from .store import MOVING, OPEN, PENDING, Store, utcnow
 
 logger = logging.getLogger("sessionflow")
 
@@ -34,11 +36,6 @@ _APP_ATTR = "_sessionflow"
 _POLL_START, _POLL_MAX = 0.001, 0.05
 MERGE_POLICIES = ("last_write_wins", "raise")
 BUILTIN_REDUCERS = ("append", "sum", "max", "min", "union", "merge")
-
-
-def make_queue(name: str) -> Queue:
-    """A durable direct queue bound under its own name (what Celery creates for ``-Q``)."""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 class SessionFlow:
@@ -51,11 +48,13 @@ class SessionFlow:
             raise InvalidArgument(f"SessionFlow needs a Celery app, got {type(app).__name__}")
         existing = app.__dict__.get(_APP_ATTR)
         if isinstance(existing, cls):
+            existing._install_router()  # task_routes may have been replaced since
             return existing
         self = super().__new__(cls)
         self.app = app
         self.middleware: list[Middleware] = []
         self.worker_nodename: str | None = None
+        self.worker_closing = False
         self.reducers: dict[str, Callable[[Any, Any], Any]] = {}
         setattr(app, _APP_ATTR, self)
         self._install()
@@ -73,6 +72,9 @@ class SessionFlow:
         self._install_router()
         self.app.on_after_finalize.connect(lambda **_: self._install_router(), weak=False)
         install(self)
+        from .history import install as install_state
+
+        install_state(self)
 
     def _install_router(self) -> None:
         routes = self.app.conf.task_routes
@@ -167,6 +169,12 @@ class SessionFlow:
         _positive("creation_timeout", creation_timeout)
         _positive("execution_timeout", execution_timeout)
         _positive("heartbeat_timeout", heartbeat_timeout)
+        if heartbeat_timeout < 2 * self.config.heartbeat_interval:
+            raise InvalidArgument(
+                f"heartbeat_timeout={heartbeat_timeout} must be at least twice "
+                f"sessionflow_heartbeat_interval ({self.config.heartbeat_interval} s), or a "
+                "healthy worker would look dead between two heartbeats"
+            )
         for name, value in (("ttl", ttl), ("idle_timeout", idle_timeout)):
             if value is not None:
                 _positive(name, value)
@@ -221,15 +229,70 @@ class SessionFlow:
                 )
         return dict(reducers)
 
-    def _create(self, options: dict[str, Any], creation_timeout: float) -> Session:
+    def recreate_session(
+        self,
+        token: str,
+        *,
+        creation_timeout: float,
+        execution_timeout: float,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        heartbeat_timeout: float = 10,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
+        max_turns: int | None = None,
+        survive_restart: bool = False,
+        affinity: str = "hard",
+        merge: str = "last_write_wins",
+        reducers: dict[str, str] | None = None,
+    ) -> Session:
+        """A new session on the worker that held the token's session (Temporal's RecreateSession).
+
+        Waits up to ``creation_timeout`` for a slot on that worker, then raises
+        :class:`SessionCreationTimeout`.
+        """
+        old_id, nodename = tokens.read_token(self.config.secret_key, token)
+        options = self._session_options(
+            creation_timeout=creation_timeout,
+            execution_timeout=execution_timeout,
+            user_id=user_id,
+            agent_id=agent_id,
+            metadata=metadata,
+            heartbeat_timeout=heartbeat_timeout,
+            ttl=ttl,
+            idle_timeout=idle_timeout,
+            max_turns=max_turns,
+            survive_restart=survive_restart,
+            affinity=affinity,
+            merge=merge,
+            reducers=reducers,
+        )
+        old = self.store.get_session(old_id)
+        if old is None or old["hostname"] != nodename:
+            raise InvalidRecreateToken(
+                "recreate token refers to a session this store does not know: was it made "
+                "by another deployment?"
+            )
+        options.update(target_worker=nodename, recreated_from=old_id)
+        queue = make_queue(self.config.worker_creation_queue(nodename))
+        return self._create(options, creation_timeout, queue)
+
+    def _create(
+        self, options: dict[str, Any], creation_timeout: float, queue: Queue | None = None
+    ) -> Session:
         session_id = str(uuid.uuid4())
         self.store.create_pending({"id": session_id, "created_at": utcnow(), **options})
-        self._request_admission(session_id, creation_timeout)
+        self.request_admission(session_id, creation_timeout, queue)
         self._await_admission(session_id, creation_timeout)
+        self.lifecycle.ensure_watching()
         return Session(self, session_id)
 
-    def _request_admission(self, session_id: str, creation_timeout: float) -> None:
-        queue = self.creation_queue
+    def request_admission(
+        self, session_id: str, creation_timeout: float | None = None, queue: Queue | None = None
+    ) -> None:
+        """Ask the workers (or the one of ``queue``) to admit a pending session."""
+        queue = queue or self.creation_queue
         with self.app.producer_or_acquire() as producer:
             producer.publish(
                 {"session_id": session_id},
@@ -268,8 +331,9 @@ class SessionFlow:
         if not isinstance(session_id, str) or not session_id:
             raise InvalidArgument("session_id must be a non-empty string")
         row = self.store.get_session(session_id)
-        if row is None or row["status"] == PENDING:
+        if row is None or (row["status"] == PENDING and row["reason"] != MOVING):
             raise SessionNotFound(f"no session {session_id!r} in the store")
+        self.lifecycle.ensure_watching()
         return Session(self, session_id)
 
     def list_sessions(
@@ -296,25 +360,22 @@ class SessionFlow:
 
     def end_session(self, session_id: str, status: str, reason: str) -> bool:
         """Close or fail an open session and resolve its unstarted tasks; False if not open."""
-        cancelled = self.store.end_session(session_id, status, reason)
-        if cancelled is None:
+        ended = self.store.end_session(session_id, status, reason)
+        if ended is None:
             return False
-        self.resolve_cancelled(session_id, status, reason, cancelled)
+        self.lifecycle.resolve(ended)
         return True
 
-    def resolve_cancelled(
-        self, session_id: str, status: str, reason: str, task_ids: Iterable[str]
-    ) -> None:
-        """Give tasks that will never run a terminal result so no ``.get()`` hangs."""
-        backend = self.app.backend
-        if isinstance(backend, DisabledBackend):
-            return
-        error = ended_error(session_id, status, reason)
-        for task_id in task_ids:
-            try:
-                backend.store_result(task_id, error, states.FAILURE)
-            except Exception:  # the next reader of this task sees a clear log line
-                logger.exception("could not store %s for task %s", type(error).__name__, task_id)
+    @cached_property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self)
+
+    def close(self) -> None:
+        """Stop this process's liveness watcher and close its store connections."""
+        if "lifecycle" in self.__dict__:
+            self.lifecycle.stop_watching()
+        if "store" in self.__dict__:
+            self.store.dispose()
 
 
 def _positive(name: str, value: Any) -> None:

@@ -7,9 +7,22 @@ The schema is created and changed only by the Alembic migrations in
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -105,3 +118,77 @@ class SessionTask(Base):
 workers = Worker.__table__
 sessions = SessionRow.__table__
 session_tasks = SessionTask.__table__
+
+
+class StateEntry(Base):
+    """One state key of a scope: ``session`` (id), ``user`` (user_id) or ``app`` ("")."""
+
+    __tablename__ = "sf_state"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(BigInteger)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime]
+
+
+class BranchGroup(Base):
+    """A group or chord header dispatched in a session: its members are branches."""
+
+    __tablename__ = "sf_branch_groups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("sf_sessions.id", ondelete="CASCADE"), index=True
+    )
+    size: Mapped[int] = mapped_column(Integer)
+    finished: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot_taken: Mapped[bool] = mapped_column(Boolean, default=False)
+    snapshot: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(String(16))
+    conflict: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime]
+    merged_at: Mapped[datetime | None]
+
+
+class BranchMember(Base):
+    """One task of a branch; ``ops`` is its ordered state operations once it finished."""
+
+    __tablename__ = "sf_branch_members"
+
+    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    group_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("sf_branch_groups.id", ondelete="CASCADE"), index=True
+    )
+    member: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    ops: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class Run(Base):
+    """One execution of a session task (retries and failures included)."""
+
+    __tablename__ = "sf_runs"
+    __table_args__ = (Index("ix_sf_runs_session_started", "session_id", "started_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("sf_sessions.id", ondelete="CASCADE")
+    )
+    task_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+state_entries = cast(Table, StateEntry.__table__)
+branch_groups = cast(Table, BranchGroup.__table__)
+branch_members = cast(Table, BranchMember.__table__)
+runs = cast(Table, Run.__table__)

@@ -10,18 +10,21 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
     Engine,
     RowMapping,
+    and_,
     create_engine,
     delete,
     event,
     exists,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -34,8 +37,10 @@ from .errors import StoreError
 from .models import session_tasks, sessions, workers
 
 PENDING, OPEN, CLOSED, FAILED = "pending", "open", "closed", "failed"
+MOVING = "moving"  # reason of a pending session that is changing workers (soft affinity)
 TASK_PENDING, TASK_STARTED = "pending", "started"
 TASK_SUCCEEDED, TASK_FAILED, TASK_CANCELLED = "succeeded", "failed", "cancelled"
+TASK_LOST = "lost"
 UNFINISHED_TASK_STATES = (TASK_PENDING, TASK_STARTED)
 
 
@@ -132,15 +137,21 @@ class Store:
 
     def upgrade(self) -> str:
         """Apply pending migrations; returns the revision now in force."""
-        engine = self._engines_unchecked()
-        with engine.begin() as conn:
-            migrate.upgrade(conn)
-            rev = migrate.current_revision(conn)
+        write, read = self._create_engines()
+        try:
+            with write.begin() as conn:
+                migrate.upgrade(conn)
+                rev = migrate.current_revision(conn)
+        except DBAPIError as exc:
+            raise StoreError(
+                f"cannot upgrade the session store at {self.config.database_url!r}: {exc.orig}. "
+                "Is the database running and the URL right?"
+            ) from exc
+        finally:
+            for engine in {write, read}:
+                engine.dispose()
         assert rev is not None
         return rev
-
-    def _engines_unchecked(self) -> Engine:
-        return self._create_engines()[0]
 
     # -- sessions ---------------------------------------------------------
 
@@ -148,11 +159,17 @@ class Store:
         with self._write() as conn:
             conn.execute(insert(sessions).values(status=PENDING, turns=0, **values))
 
-    def get_session(self, session_id: str) -> RowMapping | None:
-        with self._read() as conn:
-            return (
-                conn.execute(select(sessions).where(sessions.c.id == session_id)).mappings().first()
+    def get_session(self, session_id: str, with_heartbeat: bool = False) -> RowMapping | None:
+        """A session row; ``with_heartbeat`` adds its worker's ``last_heartbeat_at``."""
+        query = select(sessions).where(sessions.c.id == session_id)
+        if with_heartbeat:
+            query = (
+                select(sessions, workers.c.last_heartbeat_at)
+                .select_from(sessions.outerjoin(workers, workers.c.nodename == sessions.c.hostname))
+                .where(sessions.c.id == session_id)
             )
+        with self._read() as conn:
+            return conn.execute(query).mappings().first()
 
     def get_status(self, session_id: str) -> str | None:
         with self._read() as conn:
@@ -164,8 +181,11 @@ class Store:
     def list_sessions(
         self, status: str | None, user_id: str | None, hostname: str | None
     ) -> Sequence[RowMapping]:
-        query = select(sessions).where(sessions.c.status != PENDING)
-        if status is not None:
+        moving = and_(sessions.c.status == PENDING, sessions.c.reason == MOVING)
+        query = select(sessions).where(or_(sessions.c.status != PENDING, moving))
+        if status == OPEN:
+            query = query.where(or_(sessions.c.status == OPEN, moving))
+        elif status is not None:
             query = query.where(sessions.c.status == status)
         if user_id is not None:
             query = query.where(sessions.c.user_id == user_id)
@@ -188,6 +208,7 @@ class Store:
         """Open a pending session on ``nodename``.
 
         Returns ('admitted' | 'full' | 'gone', open sessions on the worker afterwards).
+        A request addressed to another worker (recreate) counts as 'gone' here.
         """
         now = utcnow()
         with self._write() as conn:
@@ -195,25 +216,42 @@ class Store:
             if open_count >= cap:
                 return "full", open_count
             row = conn.execute(
-                select(sessions.c.execution_timeout).where(
-                    sessions.c.id == session_id, sessions.c.status == PENDING
-                )
+                select(
+                    sessions.c.execution_timeout,
+                    sessions.c.ttl,
+                    sessions.c.created_at,
+                    sessions.c.target_worker,
+                    sessions.c.reason,
+                    sessions.c.opened_at,
+                    sessions.c.deadline_at,
+                ).where(sessions.c.id == session_id, sessions.c.status == PENDING)
             ).first()
-            if row is None:
+            if row is None or row.target_worker not in (None, nodename):
                 return "gone", open_count
-            conn.execute(
+            moving = row.reason == MOVING
+            values: dict[str, Any] = {
+                "status": OPEN,
+                "hostname": nodename,
+                "queue": queue,
+                "reason": None,
+                "last_activity_at": now,
+            }
+            if not moving:  # a moved session keeps its clocks
+                values.update(
+                    opened_at=now,
+                    deadline_at=now + timedelta(seconds=row.execution_timeout),
+                    expires_at=None
+                    if row.ttl is None
+                    else row.created_at + timedelta(seconds=row.ttl),
+                )
+            result = conn.execute(
                 update(sessions)
                 .where(sessions.c.id == session_id, sessions.c.status == PENDING)
-                .values(
-                    status=OPEN,
-                    hostname=nodename,
-                    queue=queue,
-                    opened_at=now,
-                    last_activity_at=now,
-                    deadline_at=now + timedelta(seconds=row.execution_timeout),
-                )
+                .values(**values)
             )
-            return "admitted", open_count + 1
+            if result.rowcount != 1:  # abandoned (creation timeout) a moment ago
+                return "gone", open_count
+            return ("moved" if moving else "admitted"), open_count + 1
 
     def count_open(self, nodename: str) -> int:
         with self._read() as conn:
@@ -231,7 +269,11 @@ class Store:
     def register_tasks(
         self, session_id: str, tasks: Sequence[tuple[str, str | None]]
     ) -> str | None:
-        """Record tasks about to be sent; returns the session's queue, or None if not open."""
+        """Record tasks about to be sent; returns the session's queue.
+
+        Returns None, recording nothing, if the session is not open or the tasks
+        would take it past ``max_turns``.
+        """
         now = utcnow()
         rows = [
             {
@@ -243,10 +285,13 @@ class Store:
             }
             for tid, name in tasks
         ]
+        within_turns = or_(
+            sessions.c.max_turns.is_(None), sessions.c.turns + len(rows) <= sessions.c.max_turns
+        )
         with self._write() as conn:
             queue: str | None = conn.execute(
                 update(sessions)
-                .where(sessions.c.id == session_id, sessions.c.status == OPEN)
+                .where(sessions.c.id == session_id, sessions.c.status == OPEN, within_turns)
                 .values(turns=sessions.c.turns + len(rows), last_activity_at=now)
                 .returning(sessions.c.queue)
             ).scalar()
@@ -260,71 +305,180 @@ class Store:
             conn.execute(delete(session_tasks).where(session_tasks.c.task_id.in_(task_ids)))
 
     def end_session(
-        self, session_id: str, status: str, reason: str, from_states: Sequence[str] = (OPEN,)
-    ) -> list[str] | None:
-        """Close or fail a session; returns the ids of its tasks that will now never run.
+        self,
+        session_id: str,
+        status: str,
+        reason: str,
+        *,
+        from_states: Sequence[str] = (OPEN,),
+        hostname: str | None = None,
+        lose_started: bool = False,
+    ) -> Ended | None:
+        """Close or fail a session and settle its unfinished tasks in one transaction.
 
-        Returns None when the session was not in ``from_states`` (someone else ended it).
+        Tasks not started yet become 'cancelled'; with ``lose_started`` (its worker
+        process died) running ones become 'lost'. Returns None when the session was
+        not in ``from_states`` on ``hostname`` (someone else ended or moved it).
+        """
+        now = utcnow()
+        condition = [sessions.c.id == session_id, sessions.c.status.in_(from_states)]
+        if hostname is not None:
+            condition.append(sessions.c.hostname == hostname)
+        with self._write() as conn:
+            result = conn.execute(
+                update(sessions)
+                .where(*condition)
+                .values(status=status, reason=reason, closed_at=now)
+            )
+            if result.rowcount != 1:
+                return None
+            cancelled = self._settle_tasks(conn, session_id, TASK_PENDING, TASK_CANCELLED, now)
+            lost = (
+                self._settle_tasks(conn, session_id, TASK_STARTED, TASK_LOST, now)
+                if lose_started
+                else []
+            )
+        return Ended(session_id, status, reason, cancelled, lost)
+
+    @staticmethod
+    def _settle_tasks(
+        conn: Connection, session_id: str, from_state: str, to_state: str, now: datetime
+    ) -> list[str]:
+        # One statement: a task that starts meanwhile is either settled here or started.
+        return list(
+            conn.execute(
+                update(session_tasks)
+                .where(
+                    session_tasks.c.session_id == session_id, session_tasks.c.state == from_state
+                )
+                .values(state=to_state, finished_at=now)
+                .returning(session_tasks.c.task_id)
+            ).scalars()
+        )
+
+    def lose_started_tasks(self, nodename: str) -> list[Ended]:
+        """At worker start: tasks an earlier process of ``nodename`` was running are lost."""
+        with self._write() as conn:
+            rows = conn.execute(
+                update(session_tasks)
+                .where(session_tasks.c.worker == nodename, session_tasks.c.state == TASK_STARTED)
+                .values(state=TASK_LOST, finished_at=utcnow())
+                .returning(session_tasks.c.task_id, session_tasks.c.session_id)
+            ).all()
+        by_session: dict[str, list[str]] = {}
+        for row in rows:
+            by_session.setdefault(row.session_id, []).append(row.task_id)
+        return [Ended(sid, OPEN, "worker_restarted", [], ids) for sid, ids in by_session.items()]
+
+    def lose_missing_tasks(
+        self, session_id: str, present: set[str], before: datetime
+    ) -> Ended | None:
+        """Pending tasks dispatched before ``before`` whose messages are gone: lost."""
+        condition = [
+            session_tasks.c.session_id == session_id,
+            session_tasks.c.state == TASK_PENDING,
+            session_tasks.c.dispatched_at <= before,
+        ]
+        if present:
+            condition.append(session_tasks.c.task_id.not_in(sorted(present)))
+        with self._write() as conn:
+            lost = list(
+                conn.execute(
+                    update(session_tasks)
+                    .where(*condition)
+                    .values(state=TASK_LOST, finished_at=utcnow())
+                    .returning(session_tasks.c.task_id)
+                ).scalars()
+            )
+        return Ended(session_id, OPEN, "worker_lost", [], lost) if lost else None
+
+    def begin_move(self, session_id: str, hostname: str) -> Ended | None:
+        """Soft affinity: detach a session from its lost worker until another admits it.
+
+        Its running tasks are lost; its queued ones stay pending and follow it.
         """
         now = utcnow()
         with self._write() as conn:
             result = conn.execute(
                 update(sessions)
-                .where(sessions.c.id == session_id, sessions.c.status.in_(from_states))
-                .values(status=status, reason=reason, closed_at=now)
+                .where(
+                    sessions.c.id == session_id,
+                    sessions.c.status == OPEN,
+                    sessions.c.hostname == hostname,
+                )
+                .values(
+                    status=PENDING, reason=MOVING, hostname=None, queue=None, last_activity_at=now
+                )
             )
             if result.rowcount != 1:
                 return None
-            return self._cancel_pending_tasks(conn, session_id, now)
+            lost = self._settle_tasks(conn, session_id, TASK_STARTED, TASK_LOST, now)
+        return Ended(session_id, FAILED, "worker_lost", [], lost)
 
-    @staticmethod
-    def _cancel_pending_tasks(conn: Connection, session_id: str, now: datetime) -> list[str]:
-        ids = list(
-            conn.execute(
-                select(session_tasks.c.task_id).where(
-                    session_tasks.c.session_id == session_id,
-                    session_tasks.c.state == TASK_PENDING,
-                )
-            ).scalars()
-        )
-        if ids:
-            conn.execute(
-                update(session_tasks)
-                .where(
-                    session_tasks.c.session_id == session_id, session_tasks.c.state == TASK_PENDING
-                )
-                .values(state=TASK_CANCELLED, finished_at=now)
-            )
-        return ids
-
-    def expire_sessions(self, nodename: str) -> list[tuple[str, list[str]]]:
-        """Close the open sessions of ``nodename`` past their execution deadline."""
+    def stalled_moves(self) -> list[str]:
+        """Moving sessions no worker admitted within their creation_timeout."""
         now = utcnow()
         with self._read() as conn:
-            due = list(
+            rows = conn.execute(
+                select(
+                    sessions.c.id, sessions.c.last_activity_at, sessions.c.creation_timeout
+                ).where(sessions.c.status == PENDING, sessions.c.reason == MOVING)
+            ).all()
+        return [
+            r.id for r in rows if r.last_activity_at + timedelta(seconds=r.creation_timeout) <= now
+        ]
+
+    def open_sessions(self, nodename: str) -> Sequence[RowMapping]:
+        """The open sessions of a worker, with the columns lifecycle checks need."""
+        with self._read() as conn:
+            return (
                 conn.execute(
-                    select(sessions.c.id).where(
-                        sessions.c.hostname == nodename,
-                        sessions.c.status == OPEN,
-                        sessions.c.deadline_at <= now,
-                    )
-                ).scalars()
+                    select(
+                        sessions.c.id,
+                        sessions.c.heartbeat_timeout,
+                        sessions.c.survive_restart,
+                        sessions.c.affinity,
+                        sessions.c.deadline_at,
+                        sessions.c.expires_at,
+                        sessions.c.idle_timeout,
+                        sessions.c.last_activity_at,
+                    ).where(sessions.c.hostname == nodename, sessions.c.status == OPEN)
+                )
+                .mappings()
+                .all()
             )
-        ended = []
-        for session_id in due:
-            cancelled = self.end_session(session_id, CLOSED, "execution_timeout")
-            if cancelled is not None:
-                ended.append((session_id, cancelled))
-        return ended
+
+    def idle_since(self, session_id: str, last_dispatch: datetime | None) -> datetime | None:
+        """When the session last had work; None while one of its tasks is running."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(
+                    func.count().filter(session_tasks.c.state == TASK_STARTED),
+                    func.max(session_tasks.c.finished_at),
+                ).where(session_tasks.c.session_id == session_id)
+            ).one()
+        if row[0]:
+            return None
+        finished = row[1]
+        if finished is not None and finished.tzinfo is None:
+            finished = finished.replace(tzinfo=timezone.utc)
+        moments = [m for m in (last_dispatch, finished) if m is not None]
+        return max(moments) if moments else None
 
     # -- session tasks ----------------------------------------------------
 
-    def task_started(self, session_id: str, task_id: str, name: str, worker: str) -> bool:
-        """Mark a task started if its session is still open; False means: do not run it."""
+    def task_started(self, session_id: str, task_id: str, name: str, worker: str) -> str | None:
+        """Mark a task started if its session is still open; returns the session's queue.
+
+        None means: the session is not open, do not run the task.
+        """
         now = utcnow()
         session_open = exists().where(sessions.c.id == session_id, sessions.c.status == OPEN)
         with self._write() as conn:
-            result = conn.execute(
+            queue_now = (
+                select(sessions.c.queue).where(sessions.c.id == session_id).scalar_subquery()
+            )
+            queue: str | None = conn.execute(
                 update(session_tasks)
                 .where(
                     session_tasks.c.task_id == task_id,
@@ -332,14 +486,15 @@ class Store:
                     session_open,
                 )
                 .values(state=TASK_STARTED, started_at=now, worker=worker, name=name)
-            )
-            if result.rowcount == 1:
-                return True
+                .returning(queue_now)
+            ).scalar()
+            if queue is not None:
+                return queue
             known = conn.execute(
                 select(session_tasks.c.state).where(session_tasks.c.task_id == task_id)
             ).first()
             if known is not None or not conn.execute(select(session_open)).scalar():
-                return False
+                return None
             # Sent with the session's headers but not through Session.apply_async
             # (e.g. Task.replace): adopt it while the session is open.
             conn.execute(
@@ -353,7 +508,10 @@ class Store:
                     started_at=now,
                 )
             )
-            return True
+            adopted: str | None = conn.execute(
+                select(sessions.c.queue).where(sessions.c.id == session_id)
+            ).scalar()
+            return adopted
 
     def task_finished(self, task_id: str, state: str) -> None:
         with self._write() as conn:
@@ -375,28 +533,27 @@ class Store:
     # -- workers ----------------------------------------------------------
 
     def register_worker(self, nodename: str, queue: str, pid: int, max_sessions: int) -> None:
-        now = utcnow()
-        values = {
-            "queue": queue,
-            "pid": pid,
-            "max_sessions": max_sessions,
-            "status": "online",
-            "started_at": now,
-            "last_heartbeat_at": now,
-        }
+        values = {"queue": queue, "pid": pid, "max_sessions": max_sessions, "status": "online"}
         with self._write() as conn:
+            now = self._db_now(conn)
             result = conn.execute(
-                update(workers).where(workers.c.nodename == nodename).values(**values)
+                update(workers)
+                .where(workers.c.nodename == nodename)
+                .values(started_at=now, last_heartbeat_at=now, **values)
             )
             if result.rowcount == 0:
-                conn.execute(insert(workers).values(nodename=nodename, **values))
+                conn.execute(
+                    insert(workers).values(
+                        nodename=nodename, started_at=now, last_heartbeat_at=now, **values
+                    )
+                )
 
     def heartbeat(self, nodename: str) -> None:
         with self._write() as conn:
             conn.execute(
                 update(workers)
                 .where(workers.c.nodename == nodename)
-                .values(last_heartbeat_at=utcnow(), status="online")
+                .values(last_heartbeat_at=self._db_now(conn), status="online")
             )
 
     def worker_offline(self, nodename: str) -> None:
@@ -412,6 +569,48 @@ class Store:
                 .mappings()
                 .first()
             )
+
+    def silent_workers(self, min_age: float) -> list[tuple[str, float, str]]:
+        """Workers with open sessions whose last heartbeat is older than ``min_age`` s.
+
+        Returns (nodename, seconds since the last heartbeat, status) measured on the
+        database's clock, so clocks of other machines do not matter.
+        """
+        with self._read() as conn:
+            now = self._db_now(conn)
+            rows = conn.execute(
+                select(workers.c.nodename, workers.c.last_heartbeat_at, workers.c.status).where(
+                    workers.c.last_heartbeat_at < now - timedelta(seconds=min_age),
+                    exists().where(
+                        sessions.c.hostname == workers.c.nodename, sessions.c.status == OPEN
+                    ),
+                )
+            ).all()
+        return [
+            (r.nodename, (now - _aware(r.last_heartbeat_at)).total_seconds(), r.status)
+            for r in rows
+        ]
+
+    def _db_now(self, conn: Connection) -> datetime:
+        if conn.dialect.name == "postgresql":
+            value: datetime = conn.execute(select(func.now())).scalar_one()
+            return _aware(value)
+        return utcnow()
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A session that was just ended, and what became of its unfinished tasks."""
+
+    session_id: str
+    status: str
+    reason: str
+    cancelled: list[str]
+    lost: list[str]
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:

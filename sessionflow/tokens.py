@@ -40,7 +40,7 @@ def make_token(secret_key: str | None, session_id: str, nodename: str) -> str:
 def read_token(secret_key: str | None, token: object) -> tuple[str, str]:
     """Verify a token; returns (session id, worker nodename)."""
     key = _require_key(secret_key)
-    if not isinstance(token, str) or token.count(".") != 1:
+    if not isinstance(token, str) or not token.isascii() or token.count(".") != 1:
         raise InvalidRecreateToken(
             "not a sessionflow recreate token: use SessionInfo.recreate_token"
         )

@@ -56,3 +56,27 @@ def flow(stack: Stack) -> Iterator[object]:
     for name, worker in list(stack.workers.items()):
         if not worker.alive() and name in ("w1", "w2"):
             stack.start_worker(name)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) tests marked ``only_stacks`` for stacks they do not apply to."""
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("only_stacks")
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("stack") if callspec else None
+        if marker is None or name is None:
+            keep.append(item)
+            continue
+        spec = SPECS[name]
+        wanted_brokers = marker.kwargs.get("brokers")
+        wanted_stores = marker.kwargs.get("stores")
+        if (wanted_brokers and spec.broker not in wanted_brokers) or (
+            wanted_stores and spec.store not in wanted_stores
+        ):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -37,3 +38,15 @@ def install(flow: SessionFlow) -> None:
             wrap_tracers(flow, flow.worker_nodename)
 
     signals.worker_process_init.connect(_on_process_init, weak=False)
+
+    def _on_shutting_down(sender: str | None = None, **_: Any) -> None:
+        # Runs inside the SIGTERM handler: stop admitting at once, and end the
+        # sessions from a thread so an interrupted store transaction cannot deadlock.
+        if flow.worker_nodename is None or sender != flow.worker_nodename:
+            return
+        flow.worker_closing = True
+        threading.Thread(
+            target=flow.lifecycle.worker_stopping, args=(sender,), name="sessionflow-stop"
+        ).start()
+
+    signals.worker_shutting_down.connect(_on_shutting_down, weak=False)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from kombu import Consumer
 
+from ..canvas import make_queue
 from ..errors import ConfigurationError, SessionFlowError
 from .tracing import wrap_tracers
 
@@ -30,7 +31,7 @@ class SessionWorker(bootsteps.StartStopStep):
     label = "sessionflow"
 
     def __init__(self, w: Any, max_sessions: int | None = None, **kwargs: Any) -> None:
-        from ..flow import SessionFlow, make_queue
+        from ..flow import SessionFlow
 
         super().__init__(w, **kwargs)
         flow = SessionFlow.of(w.app)
@@ -67,11 +68,13 @@ class Admission(bootsteps.StartStopStep):
         wrap_tracers(self.flow, self.nodename)  # solo/threads pools run tasks in this process
         store = self.flow.store
         store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
+        self.flow.lifecycle.worker_started(self.nodename)
         self.channel = c.connection.channel()
         self.channel.basic_qos(0, 1, False)
+        direct = make_queue(self.flow.config.worker_creation_queue(self.nodename))
         self.consumer = Consumer(
             self.channel,
-            queues=[self.flow.creation_queue],
+            queues=[self.flow.creation_queue, direct],
             callbacks=[self.on_request],
             accept=["json"],
             prefetch_count=1,
@@ -80,7 +83,7 @@ class Admission(bootsteps.StartStopStep):
         self._maybe_resume()
         config = self.flow.config
         self.timers = [
-            c.timer.call_repeatedly(config.admission_poll_interval, self._tick),
+            c.timer.call_repeatedly(config.admission_poll_interval, self._maybe_resume),
             c.timer.call_repeatedly(config.heartbeat_interval, self._heartbeat),
         ]
         self.started = True
@@ -108,10 +111,7 @@ class Admission(bootsteps.StartStopStep):
         self.stop(c)
         if not self.started:
             return
-        try:
-            self.flow.store.worker_offline(self.nodename)
-        except SessionFlowError:
-            logger.exception("sessionflow: could not mark %s offline", self.nodename)
+        self.flow.lifecycle.worker_stopping(self.nodename)
 
     # -- admission ---------------------------------------------------------
 
@@ -120,6 +120,10 @@ class Admission(bootsteps.StartStopStep):
         if not isinstance(session_id, str):
             logger.warning("sessionflow: dropping malformed creation request %r", body)
             message.ack()
+            return
+        if self.flow.worker_closing:  # shutting down: leave it for another worker
+            message.requeue()
+            self._pause()
             return
         try:
             outcome, open_count = self.flow.store.admit(
@@ -134,38 +138,54 @@ class Admission(bootsteps.StartStopStep):
             message.requeue()
             self._pause()
             return
+        if outcome == "moved":
+            self._adopt(session_id)
         message.ack()
         if outcome == "admitted":
             logger.info("sessionflow: admitted session %s", session_id)
         if open_count >= self.cap:
             self._pause()
 
+    def _adopt(self, session_id: str) -> None:
+        try:
+            moved = self.flow.lifecycle.adopt(session_id, self.queue)
+        except Exception:
+            logger.exception("sessionflow: could not take over the tasks of %s", session_id)
+            return
+        logger.warning("sessionflow: took over session %s with %d queued tasks", session_id, moved)
+
     def _pause(self) -> None:
         if not self.paused and self.consumer is not None:
-            self.consumer.cancel()
+            # Set first: with RabbitMQ, cancel() waits for the broker and may deliver
+            # another request into on_request, which must not cancel a second time.
             self.paused = True
+            self.consumer.cancel()
 
     def _maybe_resume(self) -> None:
-        if (
-            self.paused
-            and self.consumer is not None
-            and self.flow.store.count_open(self.nodename) < self.cap
-        ):
+        if not self.paused or self.consumer is None or self.flow.worker_closing:
+            return
+        try:
+            below_cap = self.flow.store.count_open(self.nodename) < self.cap
+        except SessionFlowError:
+            logger.exception("sessionflow: cannot count open sessions")
+            return
+        if below_cap:
             self.consumer.consume()
             self.paused = False
 
     # -- periodic ----------------------------------------------------------
 
-    def _tick(self) -> None:
-        try:
-            for session_id, cancelled in self.flow.store.expire_sessions(self.nodename):
-                self.flow.resolve_cancelled(session_id, "closed", "execution_timeout", cancelled)
-            self._maybe_resume()
-        except SessionFlowError:
-            logger.exception("sessionflow: periodic check failed")
-
     def _heartbeat(self) -> None:
-        try:
-            self.flow.store.heartbeat(self.nodename)
-        except SessionFlowError:
-            logger.exception("sessionflow: heartbeat failed")
+        """Heartbeat, then end sessions whose time is up or whose worker is gone."""
+        lifecycle = self.flow.lifecycle
+        for action in (
+            lambda: self.flow.store.heartbeat(self.nodename),
+            lambda: lifecycle.expire(self.nodename),
+            lifecycle.sweep,
+        ):
+            try:
+                action()
+            except SessionFlowError as exc:
+                logger.warning("sessionflow: %s", exc)
+            except Exception:
+                logger.exception("sessionflow: periodic check failed")

@@ -13,9 +13,9 @@ or a waiting caller can see it).
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery import states
@@ -23,6 +23,8 @@ from celery.app.task import Context
 from celery.app.trace import TraceInfo, build_tracer, trace_ok_t
 
 from ..canvas import SESSION_HEADER
+from ..errors import StoreError
+from ..runtime import TaskRun, current_run, set_current_run
 from ..session import ended_error
 from ..store import TASK_FAILED, TASK_PENDING, TASK_SUCCEEDED
 
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from ..flow import SessionFlow
 
 logger = logging.getLogger("sessionflow.worker")
+T = TypeVar("T")
+STORE_PATIENCE = 30.0  # seconds a pool process waits for the store before failing a task
 
 _FINISHED = {
     states.SUCCESS: TASK_SUCCEEDED,
@@ -37,18 +41,6 @@ _FINISHED = {
     states.IGNORED: TASK_SUCCEEDED,
     states.REJECTED: TASK_FAILED,
 }
-
-
-@dataclass
-class TaskRun:
-    """One execution of a session task in this process."""
-
-    session_id: str
-    task_id: str
-    task_name: str
-    worker: str
-    request: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Middleware:
@@ -64,14 +56,6 @@ class Middleware:
         """The execution ended in Celery ``state`` and its result is stored."""
 
 
-_current = threading.local()
-
-
-def current_run() -> TaskRun | None:
-    """The session task executing in this thread, if any."""
-    return getattr(_current, "run", None)
-
-
 class SessionTracer:
     """Wraps a task's tracer: checks its session at start, records its end."""
 
@@ -84,12 +68,20 @@ class SessionTracer:
         session_id = (request or {}).get(SESSION_HEADER)
         if not session_id:
             return self.inner(uuid, args, kwargs, request)
-        store = self.flow.store
         worker = request.get("hostname") or ""
-        if not store.task_started(session_id, uuid, self.task.name, worker):
-            return self._refuse(session_id, uuid, args, kwargs, request)
-        run = TaskRun(session_id, uuid, self.task.name, worker, request)
-        _current.run = run
+        try:
+            queue = _retrying(
+                lambda: self.flow.store.task_started(session_id, uuid, self.task.name, worker)
+            )
+        except StoreError as exc:
+            return self._fail(uuid, args, kwargs, request, exc)
+        if queue is None:
+            row = self.flow.store.get_session(session_id)
+            error = ended_error(session_id, row and row["status"], row and row["reason"])
+            logger.info("not running %s[%s]: %s", self.task.name, uuid, error)
+            return self._fail(uuid, args, kwargs, request, error)
+        run = TaskRun(session_id, uuid, self.task.name, worker, request, queue)
+        set_current_run(run)
         state = states.FAILURE
         try:
             for middleware in self.flow.middleware:
@@ -99,12 +91,16 @@ class SessionTracer:
             state = info.state if info is not None else states.SUCCESS
             return result
         finally:
-            _current.run = None
+            set_current_run(None)
             self._finish(run, state)
 
     def _finish(self, run: TaskRun, state: str) -> None:
         try:
-            self.flow.store.task_finished(run.task_id, _FINISHED.get(state, TASK_FAILED))
+            _retrying(
+                lambda: self.flow.store.task_finished(
+                    run.task_id, _FINISHED.get(state, TASK_FAILED)
+                )
+            )
         except Exception:  # the result is stored already; do not turn success into failure
             logger.exception("could not record the end of session task %s", run.task_id)
         for middleware in self.flow.middleware:
@@ -115,17 +111,28 @@ class SessionTracer:
                     "sessionflow middleware %r failed after %s", middleware, run.task_id
                 )
 
-    def _refuse(self, session_id: str, uuid: str, args: Any, kwargs: Any, request: Any) -> Any:
-        row = self.flow.store.get_session(session_id)
-        error = ended_error(session_id, row and row["status"], row and row["reason"])
+    def _fail(self, uuid: str, args: Any, kwargs: Any, request: Any, error: Exception) -> Any:
+        """Fail the task without running it: store ``error`` as its result."""
         context = Context(request, args=args, kwargs=kwargs, called_directly=False)
         self.task.backend.store_result(uuid, error, states.FAILURE, request=context)
-        logger.info("not running %s[%s]: %s", self.task.name, uuid, error)
         try:
             raise error
         except type(error):
             einfo = ExceptionInfo()
         return trace_ok_t(einfo, TraceInfo(states.FAILURE, error), 0.0, None)
+
+
+def _retrying(call: Callable[[], T], patience: float = STORE_PATIENCE) -> T:
+    """Run a store call, retrying through a short database outage (a restart)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return call()
+        except StoreError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("sessionflow: store unavailable, retrying: %s", exc)
+            time.sleep(0.5)
 
 
 class SessionBody:
@@ -158,3 +165,6 @@ def wrap_tracers(flow: SessionFlow, hostname: str) -> None:
             task.run = SessionBody(flow, task.run)
         inner = build_tracer(name, task, app.loader, hostname, app=app)
         task.__trace__ = SessionTracer(flow, task, inner)
+
+
+__all__ = ["Middleware", "SessionBody", "SessionTracer", "TaskRun", "current_run", "wrap_tracers"]

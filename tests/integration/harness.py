@@ -247,6 +247,25 @@ class Stack:
             raise AssertionError(f"client process failed:\n{done.stdout}\n{done.stderr}")
         return done.stdout
 
+    def worker_of(self, session: Any) -> WorkerProcess:
+        """The worker process that holds ``session``."""
+        hostname = session.info.hostname
+        for worker in self.workers.values():
+            if worker.nodename == hostname:
+                return worker
+        raise AssertionError(f"no worker process is {hostname}")
+
+    def queue_size(self, name: str) -> int:
+        """Messages waiting in a broker queue."""
+        from amqp.exceptions import ChannelError
+
+        with self.app.connection_for_write() as conn:
+            try:
+                ok = conn.default_channel.queue_declare(queue=name, passive=True)
+            except ChannelError:  # no such queue: nothing waits in it
+                return 0
+            return int(ok.message_count)
+
     def close_open_sessions(self) -> None:
         for session in self.flow.list_sessions(state="open"):
             session.complete()
@@ -256,7 +275,7 @@ class Stack:
             worker.stop()
         self._delete_queues()
         if self.app is not None:
-            self.flow.store.dispose()
+            self.flow.close()
             self.app.close()
         if self._pg_db:
             _pg_admin(f"DROP DATABASE IF EXISTS {self._pg_db} WITH (FORCE)")
@@ -281,3 +300,44 @@ def _pg_admin(sql: str) -> None:
 
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(sql)
+
+
+# -- service restarts (fault injection) ----------------------------------------
+
+REDIS_START = (
+    "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
+    "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+
+
+def _sh(command: str, timeout: float = 120) -> None:
+    subprocess.run(command, shell=True, check=True, timeout=timeout, capture_output=True)
+
+
+def _pg_cluster() -> str:
+    versions = sorted(os.listdir("/etc/postgresql"))
+    return f"{versions[-1]} main"
+
+
+def restart_broker(broker: str) -> None:
+    """Restart the broker service; returns once it accepts connections again."""
+    if broker == "redis":
+        _sh("redis-cli -p 6379 shutdown nosave || true")
+        wait_until(lambda: not service_up("redis"), 20, "redis to stop")
+        _sh(REDIS_START)
+        wait_until(lambda: service_up("redis"), 30, "redis to start")
+    elif broker == "amqp":
+        _sh("rabbitmqctl stop_app && rabbitmqctl start_app", timeout=180)
+        wait_until(lambda: service_up("rabbitmq"), 60, "rabbitmq to start")
+    else:
+        raise ValueError(f"cannot restart broker {broker!r}")
+
+
+def stop_postgres() -> None:
+    _sh(f"pg_ctlcluster --skip-systemctl-redirect {_pg_cluster()} stop -m fast")
+    wait_until(lambda: not service_up("postgres"), 30, "postgres to stop")
+
+
+def start_postgres() -> None:
+    _sh(f"pg_ctlcluster --skip-systemctl-redirect {_pg_cluster()} start")
+    wait_until(lambda: service_up("postgres"), 60, "postgres to start")

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from sessionflow import SessionFlow, current_session
+from sessionflow import SessionFlow, current_session, fsbroker
 
 
 def create_app(env: Mapping[str, str]) -> Celery:
@@ -31,10 +31,13 @@ def create_app(env: Mapping[str, str]) -> Celery:
         sessionflow_queue_prefix=env.get("SF_QUEUE_PREFIX", "sessionflow"),
         sessionflow_auto_migrate=True,
     )
+    if env.get("SF_BROKER_FOLDER"):  # the embedded stack: atomic message files
+        app.conf.update(broker_url="filesystem://localhost/", broker_transport=fsbroker.Transport)
     if env.get("SF_SECRET_KEY"):
         app.conf.sessionflow_secret_key = env["SF_SECRET_KEY"]
     data_dir = Path(env.get("SF_DATA_DIR", "."))
     _define_tasks(app, data_dir)
+    _define_state_tasks(app)
     SessionFlow(app)
     return app
 
@@ -99,6 +102,85 @@ def _define_tasks(app: Celery, data_dir: Path) -> None:
         if retries_before_success < 0:
             raise ValueError("boom")
         return int(self.request.retries)
+
+
+def await_start(st: Any, tag: str, timeout: float = 60) -> None:
+    """Count in at ``app:ready-TAG`` and wait until someone sets ``app:go-TAG``."""
+    st.increment(f"app:ready-{tag}")
+    deadline = time.monotonic() + timeout
+    while not st.get(f"app:go-{tag}"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("nobody said go")
+        time.sleep(0.005)
+
+
+def _define_state_tasks(app: Celery) -> None:
+    """Tasks of the session-state tests (tests/integration/test_state.py)."""
+    from sessionflow import StateConflict
+
+    SessionFlow(app).register_reducer("longest", lambda cur, new: max(cur or "", new, key=len))
+
+    def state() -> Any:
+        session = current_session()
+        assert session is not None, "state tasks must run in a session"
+        return session.state
+
+    @app.task(name="sfapp.state_set", shared=False)
+    def state_set(key: str, value: Any) -> Any:
+        state()[key] = value
+        return value
+
+    @app.task(name="sfapp.state_get", shared=False)
+    def state_get(key: str) -> Any:
+        return state().get(key)
+
+    @app.task(name="sfapp.state_dump", shared=False)
+    def state_dump(*_: Any) -> dict[str, Any]:
+        return dict(state().to_dict())
+
+    @app.task(name="sfapp.state_incr", shared=False)
+    def state_incr(key: str, times: int, start_together: str | None = None) -> int:
+        st = state()
+        if start_together:
+            await_start(st, start_together)
+        for _ in range(times):
+            st.increment(key)
+        return times
+
+    @app.task(name="sfapp.state_rmw", shared=False)
+    def state_rmw(key: str, times: int) -> int:
+        """Add 1 ``times`` times through get/set, retrying on conflicts; returns conflicts."""
+        conflicts = 0
+        for _ in range(times):
+            while True:
+                try:
+                    state().set(key, state().get(key, 0) + 1)
+                    break
+                except StateConflict:
+                    conflicts += 1
+        return conflicts
+
+    @app.task(name="sfapp.state_branch", shared=False)
+    def state_branch(index: int, increments: int) -> dict[str, Any]:
+        st = state()
+        seen = st.get("seen_at_dispatch")
+        for _ in range(increments):
+            st.increment("hits")
+        st.append("order", index)
+        st[f"member{index}"] = index
+        st["winner"] = index
+        if index == 0:
+            st.delete("doomed")
+        return {"seen": seen, "hits_in_branch": st.get("hits")}
+
+    @app.task(name="sfapp.state_fail_branch", shared=False)
+    def state_fail_branch(index: int) -> None:
+        state()[f"failed{index}"] = True
+        raise RuntimeError(f"branch {index} failed")
+
+    @app.task(name="sfapp.state_write", shared=False)
+    def state_write(mapping: dict[str, Any]) -> None:
+        state().update(mapping)
 
 
 if "SF_BROKER_URL" in os.environ:

@@ -1,0 +1,201 @@
+"""config.py: defaults, validation of every ``sessionflow_*`` key, worker queue names."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import Field, fields
+from typing import Any
+
+import pytest
+from celery import Celery
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sessionflow import ConfigurationError
+from sessionflow.config import DEFAULT_DATABASE_URL, Config, load_config
+
+SAFE_QUEUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def conf(**settings: Any) -> Any:
+    app = Celery("cfg", set_as_current=False)
+    app.conf.update({f"sessionflow_{k}": v for k, v in settings.items()})
+    return app.conf
+
+
+def test_defaults() -> None:
+    config = load_config(conf())
+    assert config == Config()
+    assert config.database_url == DEFAULT_DATABASE_URL
+    assert config.max_concurrent_sessions == 1000
+    assert config.auto_migrate is True
+    assert config.queue_prefix == "sessionflow"
+    assert config.secret_key is None
+    assert config.creation_queue == "sessionflow.create"
+    assert config.is_sqlite
+
+
+def test_values_are_read() -> None:
+    config = load_config(
+        conf(
+            database_url="postgresql+psycopg://h/db",
+            max_concurrent_sessions=3,
+            auto_migrate=False,
+            queue_prefix="app-1.sf",
+            heartbeat_interval=2,
+            admission_poll_interval=0.5,
+            secret_key="k" * 32,
+        )
+    )
+    assert config == Config(
+        database_url="postgresql+psycopg://h/db",
+        max_concurrent_sessions=3,
+        auto_migrate=False,
+        queue_prefix="app-1.sf",
+        heartbeat_interval=2,
+        admission_poll_interval=0.5,
+        secret_key="k" * 32,
+    )
+    assert config.creation_queue == "app-1.sf.create"
+    assert not config.is_sqlite
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "hint"),
+    [
+        ("database_url", 5, "SQLAlchemy URL"),
+        ("max_concurrent_sessions", "10", "positive whole number"),
+        ("max_concurrent_sessions", 2.0, "positive whole number"),
+        ("max_concurrent_sessions", True, "positive whole number"),
+        ("auto_migrate", "yes", "True or False"),
+        ("auto_migrate", 1, "True or False"),
+        ("queue_prefix", b"sf", "letters, digits"),
+        ("heartbeat_interval", "1", "positive number of seconds"),
+        ("heartbeat_interval", True, "positive number of seconds"),
+        ("admission_poll_interval", [0.2], "positive number of seconds"),
+        ("admission_poll_interval", False, "positive number of seconds"),
+        ("secret_key", b"bytes-key", "long random string"),
+    ],
+)
+def test_wrong_type_names_key_and_expectation(key: str, value: Any, hint: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(conf(**{key: value}))
+    message = str(info.value)
+    assert f"sessionflow_{key}" in message
+    assert repr(value) in message
+    assert hint in message
+
+
+def _wrong_values(field: Field[Any]) -> list[Any]:
+    if isinstance(field.default, bool):
+        return ["yes", 1]
+    if isinstance(field.default, (int, float)):
+        return ["1", True, [1]]
+    return [5, b"text"]
+
+
+ALL_WRONG = [
+    pytest.param(field.name, value, id=f"{field.name}-{value!r}")
+    for field in fields(Config)
+    for value in _wrong_values(field)
+]
+NUMERIC = [f.name for f in fields(Config) if type(f.default) in (int, float)]
+FLOATS = [f.name for f in fields(Config) if type(f.default) is float]
+
+
+def test_every_field_is_a_setting() -> None:
+    assert len(fields(Config)) >= 7
+    for field in fields(Config):
+        value = "some-secret" if field.default is None else field.default
+        assert getattr(load_config(conf(**{field.name: value})), field.name) == value
+
+
+@pytest.mark.parametrize(("key", "value"), ALL_WRONG)
+def test_every_setting_type_checked(key: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=f"sessionflow_{key} = .* expected"):
+        load_config(conf(**{key: value}))
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+@pytest.mark.parametrize("value", [0, -1])
+def test_non_positive_rejected(key: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=f"sessionflow_{key}.*(at least 1|positive)"):
+        load_config(conf(**{key: value}))
+
+
+@pytest.mark.parametrize("key", FLOATS)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_interval_rejected(key: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=f"sessionflow_{key}"):
+        load_config(conf(**{key: value}))
+
+
+def test_empty_database_url_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="sessionflow_database_url must not be empty"):
+        load_config(conf(database_url=""))
+
+
+@pytest.mark.parametrize("prefix", ["", "sf queue", "sf/q", "sf@host", "sf:q", "sé"])
+def test_bad_queue_prefix(prefix: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(conf(queue_prefix=prefix))
+    assert "sessionflow_queue_prefix" in str(info.value)
+    assert "letters, digits" in str(info.value)
+
+
+def test_unknown_key_named_with_valid_keys() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(conf(max_sessions=3, databse_url="sqlite://"))
+    message = str(info.value)
+    assert "sessionflow_databse_url" in message
+    assert "sessionflow_max_sessions" in message
+    assert "sessionflow_database_url" in message  # the valid keys are listed
+    assert "sessionflow_max_concurrent_sessions" in message
+
+
+def test_unrelated_keys_ignored() -> None:
+    config = load_config(conf())
+    app = Celery("cfg2", set_as_current=False)
+    app.conf.update(task_default_queue="x", other_sessionflow_thing=1)
+    assert load_config(app.conf) == config
+
+
+def test_worker_queue_plain_nodename_kept() -> None:
+    assert Config().worker_queue("w1.host") == "sessionflow.worker.w1.host"
+    assert Config(queue_prefix="p").worker_queue("a-b_c") == "p.worker.a-b_c"
+
+
+def test_worker_queue_stable_and_safe() -> None:
+    config = Config()
+    name = config.worker_queue("w1@host.example")
+    assert name == config.worker_queue("w1@host.example")
+    assert name == Config().worker_queue("w1@host.example")  # across instances/processes
+    assert SAFE_QUEUE.match(name)
+    assert name.startswith("sessionflow.worker.w1_host.example")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("w1@host", "w1#host"),
+        ("w1@host", "w1_host"),
+        ("w1@host", "w1 host"),
+        ("wö@h", "wü@h"),
+    ],
+)
+def test_worker_queue_distinct_for_unsafe_variants(a: str, b: str) -> None:
+    config = Config()
+    assert config.worker_queue(a) != config.worker_queue(b)
+    assert SAFE_QUEUE.match(config.worker_queue(a))
+    assert SAFE_QUEUE.match(config.worker_queue(b))
+
+
+@given(st.text(min_size=1, max_size=60), st.text(min_size=1, max_size=60))
+def test_worker_queue_property(a: str, b: str) -> None:
+    config = Config()
+    qa, qb = config.worker_queue(a), config.worker_queue(b)
+    assert SAFE_QUEUE.match(qa)
+    assert qa == config.worker_queue(a)
+    if a != b:
+        assert qa != qb

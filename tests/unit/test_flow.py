@@ -1,0 +1,261 @@
+"""flow.py: argument validation before any write, and SessionFlow(app) installation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import create_engine, func, inspect, select, table
+
+from sessionflow import InvalidArgument, InvalidRecreateToken, SessionFlow, SessionNotFound
+from sessionflow.canvas import QUEUE_HEADER, route_session_task
+from sessionflow.store import utcnow
+from sessionflow.tokens import make_token
+
+VALID = {"creation_timeout": 0.5, "execution_timeout": 60}
+SECRET = "flow-unit-test-secret"
+
+
+def make_app(tmp_path: Path, name: str = "flowtest") -> Celery:
+    app = Celery(name, broker="memory://", set_as_current=False)
+    app.conf.sessionflow_database_url = f"sqlite:///{tmp_path / 'flow.db'}"
+    app.conf.sessionflow_secret_key = SECRET
+    return app
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Celery]:
+    app = make_app(tmp_path)
+    yield app
+    flow = SessionFlow.of(app)
+    if flow is not None and "store" in flow.__dict__:
+        flow.close()
+    app.close()
+
+
+@pytest.fixture
+def flow(app: Celery) -> SessionFlow:
+    flow = SessionFlow(app)
+    flow.store.get_status("warm-up")  # creates the schema, so row counts are meaningful
+    return flow
+
+
+def row_counts(flow: SessionFlow) -> dict[str, int]:
+    engine = create_engine(flow.config.database_url)
+    try:
+        with engine.connect() as conn:
+            names = inspect(conn).get_table_names()
+            assert "sf_sessions" in names
+            return {
+                name: conn.execute(select(func.count()).select_from(table(name))).scalar_one()
+                for name in names
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def unchanged(flow: SessionFlow) -> Iterator[None]:
+    """Asserts after the test that no table of the store gained or lost rows."""
+    before = row_counts(flow)
+    yield
+    assert row_counts(flow) == before
+
+
+BAD_SESSION_OPTIONS: list[tuple[str, Any]] = [
+    ("creation_timeout", 0),
+    ("creation_timeout", -1),
+    ("creation_timeout", "10"),
+    ("creation_timeout", True),
+    ("creation_timeout", math.nan),
+    ("creation_timeout", math.inf),
+    ("creation_timeout", None),
+    ("execution_timeout", 0),
+    ("execution_timeout", "60"),
+    ("execution_timeout", math.inf),
+    ("heartbeat_timeout", 0),
+    ("heartbeat_timeout", 1.5),  # below twice the default heartbeat interval (1 s)
+    ("heartbeat_timeout", False),
+    ("ttl", 0),
+    ("ttl", "1h"),
+    ("idle_timeout", -5),
+    ("max_turns", 0),
+    ("max_turns", True),
+    ("max_turns", 1.5),
+    ("max_turns", "3"),
+    ("survive_restart", "yes"),
+    ("survive_restart", 1),
+    ("affinity", "medium"),
+    ("affinity", None),
+    ("merge", "first_write_wins"),
+    ("user_id", ""),
+    ("user_id", 5),
+    ("agent_id", b"agent"),
+    ("metadata", [("a", 1)]),
+    ("metadata", {"a": object()}),
+    ("metadata", {"a": math.nan}),
+    ("reducers", "append"),
+    ("reducers", {"k": "no-such-reducer"}),
+    ("reducers", {1: "append"}),
+]
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(("name", "value"), BAD_SESSION_OPTIONS)
+def test_create_session_rejects_before_writing(flow: SessionFlow, name: str, value: Any) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        flow.create_session(**{**VALID, name: value})
+    assert name in str(info.value) or (name == "reducers" and "reducer" in str(info.value))
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        None,
+        make_token("another-secret", "s-1", "w1@host"),
+        make_token(SECRET, "no-such-session", "w1@host"),
+    ],
+)
+def test_recreate_session_rejects_bad_tokens(flow: SessionFlow, token: Any) -> None:
+    with pytest.raises(InvalidRecreateToken):
+        flow.recreate_session(token, **VALID)
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(("name", "value"), BAD_SESSION_OPTIONS[::3])
+def test_recreate_session_rejects_options_before_writing(
+    flow: SessionFlow, name: str, value: Any
+) -> None:
+    token = make_token(SECRET, "no-such-session", "w1@host")
+    with pytest.raises(InvalidArgument) as info:
+        flow.recreate_session(token, **{**VALID, name: value})
+    assert not isinstance(info.value, InvalidRecreateToken)
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"state": "bogus"},
+        {"state": 5},
+        {"user_id": ""},
+        {"user_id": 7},
+        {"hostname": b"w1@host"},
+    ],
+)
+def test_list_sessions_rejects(flow: SessionFlow, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument, match=next(iter(kwargs))):
+        flow.list_sessions(**kwargs)
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize("session_id", ["", None, 5, b"abc"])
+def test_get_session_rejects(flow: SessionFlow, session_id: Any) -> None:
+    with pytest.raises(InvalidArgument, match="session_id"):
+        flow.get_session(session_id)
+
+
+@pytest.mark.usefixtures("unchanged")
+def test_get_session_unknown_and_pending_not_found(flow: SessionFlow) -> None:
+    with pytest.raises(SessionNotFound):
+        flow.get_session("no-such-session")
+
+
+def test_get_session_pending_is_not_found(flow: SessionFlow) -> None:
+    flow.store.create_pending(
+        {"id": "p-1", "created_at": utcnow(), "creation_timeout": 5.0, "execution_timeout": 5.0}
+    )
+    with pytest.raises(SessionNotFound):
+        flow.get_session("p-1")
+    assert flow.list_sessions() == []
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    ("name", "function"),
+    [("", max), (None, max), (5, max), ("append", max), ("sum", max), ("mine", "max")],
+)
+def test_register_reducer_rejects(flow: SessionFlow, name: Any, function: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        flow.register_reducer(name, function)
+    assert name not in flow.reducers or name in ("append", "sum")
+
+
+def test_registered_reducer_is_accepted_in_options(flow: SessionFlow) -> None:
+    with pytest.raises(InvalidArgument, match="unknown reducer"):
+        flow._check_reducers({"k": "longest"})
+    flow.register_reducer("longest", lambda a, b: max(a, b, key=len))
+    assert flow._check_reducers({"k": "longest", "n": "sum"}) == {"k": "longest", "n": "sum"}
+
+
+# -- SessionFlow(app) -----------------------------------------------------------
+
+
+def routes(app: Celery) -> tuple[Any, ...]:
+    value = app.conf.task_routes
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def session_route(app: Celery, queue: str = "sfq.worker.w1") -> Any:
+    return app.amqp.router.route({"headers": {QUEUE_HEADER: queue}}, "t.any", (), {})
+
+
+def max_session_options(app: Celery) -> int:
+    return sum("--max-sessions" in option.opts for option in app.user_options["worker"])
+
+
+def test_not_an_app() -> None:
+    with pytest.raises(InvalidArgument, match="Celery app"):
+        SessionFlow("proj.celery:app")  # type: ignore[arg-type]
+
+
+def test_idempotent(app: Celery) -> None:
+    first = SessionFlow(app)
+    second = SessionFlow(app)
+    assert first is second
+    assert SessionFlow.of(app) is first
+    assert routes(app).count(route_session_task) == 1
+    assert max_session_options(app) == 1
+    app.finalize()
+    assert SessionFlow(app) is first
+    assert routes(app).count(route_session_task) == 1
+    assert session_route(app)["queue"].name == "sfq.worker.w1"
+
+
+def test_of_without_flow(tmp_path: Path) -> None:
+    assert SessionFlow.of(make_app(tmp_path, "bare")) is None
+
+
+def test_existing_dict_routes_kept(app: Celery) -> None:
+    app.conf.task_routes = {"t.special": {"queue": "special"}}
+    flow = SessionFlow(app)
+    assert SessionFlow(app) is flow
+    assert routes(app).count(route_session_task) == 1
+    assert {"t.special": {"queue": "special"}} in routes(app)
+    assert session_route(app)["queue"].name == "sfq.worker.w1"
+    special = app.amqp.router.route({}, "t.special", (), {})
+    assert special["queue"].name == "special"
+
+
+def test_router_cache_flushed(app: Celery) -> None:
+    assert (
+        app.amqp.router.route({"headers": {QUEUE_HEADER: "q1"}}, "t.any", (), {})["queue"].name
+        != "q1"
+    )  # no session router yet: the default queue
+    SessionFlow(app)
+    assert session_route(app, "q1")["queue"].name == "q1"
+
+
+def test_routes_reassigned_after_install(app: Celery) -> None:
+    app.finalize()
+    flow = SessionFlow(app)
+    app.conf.task_routes = {"t.special": {"queue": "special"}}
+    assert SessionFlow(app) is flow
+    assert routes(app).count(route_session_task) == 1
+    assert session_route(app)["queue"].name == "sfq.worker.w1"
