@@ -1,0 +1,383 @@
+"""Helpers shared by the benchmarks: a scratch stack, worker processes, statistics, report.
+
+A :class:`Stack` is one benchmark run's world: Redis broker and result backend
+(DBs 8 and 9, every key under a per-run prefix), a scratch session store
+(SQLite file or PostgreSQL database) and real ``celery worker`` processes.
+Leaving its ``with`` block, normally or by error or Ctrl-C, stops the workers,
+deletes the run's Redis keys and drops the scratch store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+BROKER_DB, BACKEND_DB = 8, 9  # DBs 12 and 13 belong to the integration tests
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = f"postgresql://{PG_HOST}:{PG_PORT}/test"
+HOSTNAME = socket.gethostname()
+STORES = ("sqlite", "postgres")
+
+
+class BenchError(Exception):
+    """The benchmark cannot run here (a service is down, a worker did not start)."""
+
+
+def service_up(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def check_services(store: str) -> None:
+    """Raise BenchError naming every service this run needs and cannot reach."""
+    needed = [("Redis", REDIS_HOST, REDIS_PORT)]
+    if store == "postgres":
+        needed.append(("PostgreSQL", PG_HOST, PG_PORT))
+    missing = [
+        f"{name} at {host}:{port}" for name, host, port in needed if not service_up(host, port)
+    ]
+    if missing:
+        raise BenchError(f"not reachable: {', '.join(missing)}; start it and run again")
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt so ``finally`` blocks clean up.
+
+    SIGINT is handled explicitly too: a shell that starts us in the background makes
+    Python ignore it otherwise.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- worker processes ---------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """One ``celery worker`` subprocess, in its own process group."""
+
+    name: str
+    nodename: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the worker and its pool processes so far; Linux only."""
+        total = 0.0
+        for pid in (self.popen.pid, *_children(self.popen.pid)):
+            total += _process_cpu(pid)
+        return total
+
+    def stop(self, timeout: float = 20) -> None:
+        """Warm shutdown; SIGKILL the whole process group if it takes too long."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # stray pool processes, if any
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; utime, stime are 14, 15
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+# -- the stack ----------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Broker, result backend, scratch store and workers of one benchmark run."""
+
+    store: str = "sqlite"
+    keep: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    root: Path = field(init=False)
+    env: dict[str, str] = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+    app: Any = None
+    _pg_db: str | None = None
+
+    def __enter__(self) -> Stack:
+        if self.store not in STORES:
+            raise BenchError(f"unknown store {self.store!r}; use one of {STORES}")
+        self.root = Path(tempfile.mkdtemp(prefix=f"sessionflow-bench-{self.run_id}-"))
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            for worker in self.workers:
+                print(f"--- worker {worker.nodename} log:\n{worker.log_tail()}", file=sys.stderr)
+        self.close()
+
+    def _setup(self) -> None:
+        env = {
+            "SFB_QUEUE_PREFIX": f"sfbench-{self.run_id}",
+            "SFB_KEYPREFIX": f"sfbench-{self.run_id}:",
+            "SFB_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}",
+            "SFB_RESULT_BACKEND": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}",
+        }
+        if self.store == "sqlite":
+            env["SFB_DATABASE_URL"] = f"sqlite:///{self.root / 'sessionflow.db'}"
+        else:
+            self._pg_db = f"sfbench_{self.run_id}"
+            _pg_admin(f"CREATE DATABASE {self._pg_db}")
+            env["SFB_DATABASE_URL"] = f"postgresql+psycopg://{PG_HOST}:{PG_PORT}/{self._pg_db}"
+        self.env = env
+        sys.path.insert(0, str(BENCH_DIR))
+        from benchapp import create_app
+
+        self.app = create_app(env)
+        self.flow.store.upgrade()
+
+    @property
+    def flow(self) -> Any:
+        from sessionflow import SessionFlow
+
+        return SessionFlow(self.app)
+
+    def task(self, name: str) -> Any:
+        return self.app.tasks[name]
+
+    def start_worker(
+        self,
+        name: str,
+        *,
+        concurrency: int,
+        max_sessions: int,
+        loglevel: str = "WARNING",
+        extra: Sequence[str] = (),
+    ) -> WorkerProcess:
+        """Start ``celery -A benchapp worker -n NAME@%h -P prefork`` (does not wait)."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "benchapp",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-P",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "--max-sessions",
+            str(max_sessions),
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *extra,
+        ]
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p
+        )
+        log_path = self.root / f"worker-{name}.log"
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop it in close()
+            )
+        worker = WorkerProcess(name, f"{name}@{HOSTNAME}", popen, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, worker: WorkerProcess, timeout: float = 90) -> None:
+        """Wait until the worker answers a remote-control ping."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not worker.alive():
+                raise BenchError(f"worker {worker.nodename} exited:\n{worker.log_tail()}")
+            if self.app.control.ping(destination=[worker.nodename], timeout=0.5):
+                return
+        raise BenchError(f"worker {worker.nodename} not ready after {timeout} s")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.app is not None:
+            with contextlib.suppress(Exception):
+                self.flow.store.dispose()
+            with contextlib.suppress(Exception):
+                self.app.close()
+        if self.env:
+            _delete_redis_keys(self.env["SFB_KEYPREFIX"])
+        if self._pg_db:
+            _pg_admin(f"DROP DATABASE IF EXISTS {self._pg_db} WITH (FORCE)")
+            self._pg_db = None
+        if self.keep:
+            print(f"kept {self.root} (worker logs, SQLite store)", file=sys.stderr)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.encode())  # our own literal statements
+
+
+def _delete_redis_keys(prefix: str) -> None:
+    import redis
+
+    for db in (BROKER_DB, BACKEND_DB):
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+        finally:
+            client.close()
+
+
+# -- measuring ----------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt_list(values: Sequence[float], digits: int = 0) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+def environment_line() -> str:
+    """Versions and machine load, printed with every report."""
+    import celery
+    import kombu
+    import sqlalchemy
+
+    import sessionflow
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    source = Path(sessionflow.__file__).parent
+    return (
+        f"python {platform.python_version()}, celery {celery.__version__}, "
+        f"kombu {kombu.__version__}, sqlalchemy {sqlalchemy.__version__}; "
+        f"{os.cpu_count()} CPUs, load average {load}; sessionflow from {source}"
+    )
+
+
+# -- report -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline ratio and its target (``higher`` says which side passes)."""
+
+    label: str
+    value: float
+    target: float
+    higher: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.target if self.higher else self.value <= self.target
+
+    @property
+    def target_text(self) -> str:
+        return f"{'>=' if self.higher else '<='} {self.target:g}"
+
+
+def print_figures(figures: Sequence[Figure]) -> None:
+    width = max(len(f.label) for f in figures)
+    print(f"{'figure':<{width}}  {'measured':>8}  {'target':>8}  result")
+    print(f"{'-' * width}  {'-' * 8}  {'-' * 8}  ------")
+    for f in figures:
+        verdict = "pass" if f.passed else "MISS"
+        print(f"{f.label:<{width}}  {f.value:>8.3f}  {f.target_text:>8}  {verdict}")
