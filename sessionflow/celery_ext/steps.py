@@ -67,8 +67,12 @@ class Admission(bootsteps.StartStopStep):
         self.nodename: str = c.hostname
         wrap_tracers(self.flow, self.nodename)  # solo/threads pools run tasks in this process
         store = self.flow.store
-        store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
-        self.flow.lifecycle.worker_started(self.nodename)
+        if not settings.get("registered"):
+            # Once per process: the consumer restarts this step after a broker reconnect,
+            # and that must not look like a new process taking over the node name.
+            store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
+            self.flow.lifecycle.worker_started(self.nodename)
+            settings["registered"] = True
         self.channel = c.connection.channel()
         self.channel.basic_qos(0, 1, False)
         direct = make_queue(self.flow.config.worker_creation_queue(self.nodename))
