@@ -18,6 +18,7 @@ from sqlalchemy import (
     Engine,
     RowMapping,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -285,18 +286,12 @@ class Store:
             }
             for tid, name in tasks
         ]
-        within_turns = or_(
-            sessions.c.max_turns.is_(None), sessions.c.turns + len(rows) <= sessions.c.max_turns
-        )
         with self._write() as conn:
             queue: str | None = conn.execute(
-                update(sessions)
-                .where(sessions.c.id == session_id, sessions.c.status == OPEN, within_turns)
-                .values(turns=sessions.c.turns + len(rows), last_activity_at=now)
-                .returning(sessions.c.queue)
+                _TAKE_TURNS, {"b_sid": session_id, "b_n": len(rows), "b_now": now}
             ).scalar()
             if queue is not None and rows:
-                conn.execute(insert(session_tasks), rows)
+                conn.execute(_INSERT_TASKS, rows)
         return queue
 
     def forget_tasks(self, task_ids: Sequence[str]) -> None:
@@ -475,18 +470,15 @@ class Store:
         now = utcnow()
         session_open = exists().where(sessions.c.id == session_id, sessions.c.status == OPEN)
         with self._write() as conn:
-            queue_now = (
-                select(sessions.c.queue).where(sessions.c.id == session_id).scalar_subquery()
-            )
             queue: str | None = conn.execute(
-                update(session_tasks)
-                .where(
-                    session_tasks.c.task_id == task_id,
-                    session_tasks.c.state.in_(UNFINISHED_TASK_STATES),
-                    session_open,
-                )
-                .values(state=TASK_STARTED, started_at=now, worker=worker, name=name)
-                .returning(queue_now)
+                _START_TASK,
+                {
+                    "b_tid": task_id,
+                    "b_sid": session_id,
+                    "b_now": now,
+                    "b_worker": worker,
+                    "b_name": name,
+                },
             ).scalar()
             if queue is not None:
                 return queue
@@ -514,12 +506,9 @@ class Store:
             return adopted
 
     def task_finished(self, task_id: str, state: str) -> None:
+        finished_at = utcnow() if state != TASK_PENDING else None
         with self._write() as conn:
-            conn.execute(
-                update(session_tasks)
-                .where(session_tasks.c.task_id == task_id)
-                .values(state=state, finished_at=utcnow() if state != TASK_PENDING else None)
-            )
+            conn.execute(_FINISH_TASK, {"b_tid": task_id, "b_state": state, "b_at": finished_at})
 
     def task_states(self, session_id: str) -> dict[str, str]:
         with self._read() as conn:
@@ -596,6 +585,46 @@ class Store:
             value: datetime = conn.execute(select(func.now())).scalar_one()
             return _aware(value)
         return utcnow()
+
+
+# The statements every session task runs, built once: constructing a Core statement
+# per call costs more than executing it on SQLite.
+_TAKE_TURNS = (
+    update(sessions)
+    .where(
+        sessions.c.id == bindparam("b_sid"),
+        sessions.c.status == OPEN,
+        or_(
+            sessions.c.max_turns.is_(None),
+            sessions.c.turns + bindparam("b_n") <= sessions.c.max_turns,
+        ),
+    )
+    .values(turns=sessions.c.turns + bindparam("b_n"), last_activity_at=bindparam("b_now"))
+    .returning(sessions.c.queue)
+)
+_INSERT_TASKS = insert(session_tasks)
+_START_TASK = (
+    update(session_tasks)
+    .where(
+        session_tasks.c.task_id == bindparam("b_tid"),
+        session_tasks.c.state.in_(UNFINISHED_TASK_STATES),
+        exists().where(sessions.c.id == bindparam("b_sid"), sessions.c.status == OPEN),
+    )
+    .values(
+        state=TASK_STARTED,
+        started_at=bindparam("b_now"),
+        worker=bindparam("b_worker"),
+        name=bindparam("b_name"),
+    )
+    .returning(
+        select(sessions.c.queue).where(sessions.c.id == bindparam("b_sid")).scalar_subquery()
+    )
+)
+_FINISH_TASK = (
+    update(session_tasks)
+    .where(session_tasks.c.task_id == bindparam("b_tid"))
+    .values(state=bindparam("b_state"), finished_at=bindparam("b_at"))
+)
 
 
 def _aware(value: datetime) -> datetime:
