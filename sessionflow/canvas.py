@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Signature
 from celery.canvas import _chain, _chord, group, maybe_signature
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from .errors import InvalidArgument
 from .runtime import current_run

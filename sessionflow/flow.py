@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from . import canvas, tokens
 from .canvas import make_queue
@@ -42,6 +42,10 @@ class SessionFlow:
     """Sessions for one Celery app. ``SessionFlow(app)`` is idempotent."""
 
     app: Celery
+    middleware: list[Middleware]
+    worker_nodename: str | None  # set in worker processes (celery worker -n)
+    worker_closing: bool  # the worker is shutting down: admit nothing more
+    reducers: dict[str, Callable[[Any, Any], Any]]
 
     def __new__(cls, app: Celery) -> SessionFlow:
         if not isinstance(app, Celery):
@@ -52,10 +56,10 @@ class SessionFlow:
             return existing
         self = super().__new__(cls)
         self.app = app
-        self.middleware: list[Middleware] = []
-        self.worker_nodename: str | None = None
+        self.middleware = []
+        self.worker_nodename = None
         self.worker_closing = False
-        self.reducers: dict[str, Callable[[Any, Any], Any]] = {}
+        self.reducers = {}
         setattr(app, _APP_ATTR, self)
         self._install()
         return self

@@ -26,7 +26,7 @@ from kombu.utils.json import dumps
 class Channel(filesystem.Channel):
     """A filesystem channel whose messages appear in the folder complete or not at all."""
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".partial-{uuid.uuid4()}")

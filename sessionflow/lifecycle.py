@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import states
 from celery.backends.base import DisabledBackend
-from kombu import Queue
+from kombu.entity import Queue
 
 from .canvas import SESSION_HEADER, make_queue
 from .errors import SessionFlowError, SessionTaskLost
@@ -136,7 +136,9 @@ class Lifecycle:
         def destination(session_id: str | None) -> Queue | None:
             if session_id not in statuses:
                 row = store.get_session(session_id) if session_id else None
-                statuses[session_id] = (row and row["status"], row and row["reason"])
+                statuses[session_id] = (
+                    (row["status"], row["reason"]) if row is not None else (None, None)
+                )
             status, reason = statuses[session_id]
             if status == PENDING and reason == MOVING:
                 assert session_id is not None
@@ -237,11 +239,11 @@ class Lifecycle:
             if row["survive_restart"]:
                 surviving.append(row["id"])
                 continue
-            ended = store.end_session(
+            failed = store.end_session(
                 row["id"], FAILED, "worker_lost", hostname=nodename, lose_started=True
             )
-            if ended is not None:
-                self.resolve(ended)
+            if failed is not None:
+                self.resolve(failed)
         if not surviving:
             return
         own = make_queue(self.flow.config.worker_queue(nodename))

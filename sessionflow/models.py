@@ -115,9 +115,9 @@ class SessionTask(Base):
     finished_at: Mapped[datetime | None]
 
 
-workers = Worker.__table__
-sessions = SessionRow.__table__
-session_tasks = SessionTask.__table__
+workers = cast(Table, Worker.__table__)
+sessions = cast(Table, SessionRow.__table__)
+session_tasks = cast(Table, SessionTask.__table__)
 
 
 class StateEntry(Base):

@@ -141,7 +141,9 @@ class Session:
                     f"turns; these {len(dispatched)} task(s) would exceed it. Complete it and "
                     "create a new session (recreate_session keeps the same worker)."
                 )
-            raise ended_error(self.id, row and row["status"], row and row["reason"])
+            raise ended_error(
+                self.id, row["status"] if row else None, row["reason"] if row else None
+            )
         canvas.stamp(sig, self.id, queue)
         from .branches import on_dispatch
 

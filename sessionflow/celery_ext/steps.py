@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
-from kombu import Consumer
+from kombu.messaging import Consumer
 
 from ..canvas import make_queue
 from ..errors import ConfigurationError, SessionFlowError
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sessionflow.worker")
 
 
-class SessionWorker(bootsteps.StartStopStep):
+class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     """Adds this worker's session queue to the queues it consumes."""
 
     label = "sessionflow"
@@ -45,7 +46,7 @@ class SessionWorker(bootsteps.StartStopStep):
         flow.worker_nodename = w.hostname  # pool processes forked later inherit it
 
 
-class Admission(bootsteps.StartStopStep):
+class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumes the creation queue while below the cap; writes heartbeats."""
 
     label = "sessionflow admission"
@@ -182,11 +183,12 @@ class Admission(bootsteps.StartStopStep):
     def _heartbeat(self) -> None:
         """Heartbeat, then end sessions whose time is up or whose worker is gone."""
         lifecycle = self.flow.lifecycle
-        for action in (
+        actions: tuple[Callable[[], None], ...] = (
             lambda: self.flow.store.heartbeat(self.nodename),
             lambda: lifecycle.expire(self.nodename),
             lifecycle.sweep,
-        ):
+        )
+        for action in actions:
             try:
                 action()
             except SessionFlowError as exc:

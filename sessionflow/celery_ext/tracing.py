@@ -77,7 +77,9 @@ class SessionTracer:
             return self._fail(uuid, args, kwargs, request, exc)
         if queue is None:
             row = self.flow.store.get_session(session_id)
-            error = ended_error(session_id, row and row["status"], row and row["reason"])
+            error = ended_error(
+                session_id, row["status"] if row else None, row["reason"] if row else None
+            )
             logger.info("not running %s[%s]: %s", self.task.name, uuid, error)
             return self._fail(uuid, args, kwargs, request, error)
         run = TaskRun(session_id, uuid, self.task.name, worker, request, queue)
