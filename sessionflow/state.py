@@ -90,6 +90,19 @@ _READ = select(_c.value, _c.version, _c.deleted).where(_ROW, _c.key == bindparam
 _SIZE = select(func.coalesce(func.sum(_c.size), 0)).where(
     _ROW, _c.key.not_in(bindparam("p_keys", expanding=True))
 )
+
+
+def _overwrite(insert: Any) -> dict[str, Any]:
+    """The SET clause of an upsert: take the new row's value, bump the version."""
+    return {
+        "value": insert.excluded.value,
+        "size": insert.excluded.size,
+        "deleted": insert.excluded.deleted,
+        "updated_at": insert.excluded.updated_at,
+        "version": _c.version + 1,
+    }
+
+
 _UPSERTS: dict[str, Any] = {}
 
 
@@ -100,14 +113,7 @@ def _upsert(conn: Connection) -> Any:
     if stmt is None:
         insert = _insert(conn)
         stmt = _UPSERTS[name] = insert.on_conflict_do_update(
-            index_elements=[_c.scope, _c.scope_id, _c.key],
-            set_={
-                "value": insert.excluded.value,
-                "size": insert.excluded.size,
-                "deleted": insert.excluded.deleted,
-                "updated_at": insert.excluded.updated_at,
-                "version": _c.version + 1,
-            },
+            index_elements=[_c.scope, _c.scope_id, _c.key], set_=_overwrite(insert)
         ).returning(_c.version)
     return stmt
 
@@ -228,14 +234,7 @@ def _checked_upsert(conn: Connection, insert_only: bool = False) -> Any:
             stmt = _CHECKED[name] = insert.on_conflict_do_nothing().returning(_c.version)
             return stmt
         stmt = _CHECKED[name] = insert.on_conflict_do_update(
-            index_elements=[_c.scope, _c.scope_id, _c.key],
-            set_={
-                "value": insert.excluded.value,
-                "size": insert.excluded.size,
-                "deleted": insert.excluded.deleted,
-                "updated_at": insert.excluded.updated_at,
-                "version": _c.version + 1,
-            },
+            index_elements=[_c.scope, _c.scope_id, _c.key], set_=_overwrite(insert)
         ).returning(_c.version)
     return stmt
 

@@ -551,14 +551,6 @@ class Store:
                 update(workers).where(workers.c.nodename == nodename).values(status="offline")
             )
 
-    def get_worker(self, nodename: str) -> RowMapping | None:
-        with self._read() as conn:
-            return (
-                conn.execute(select(workers).where(workers.c.nodename == nodename))
-                .mappings()
-                .first()
-            )
-
     def silent_workers(self, min_age: float) -> list[tuple[str, float, str]]:
         """Workers with open sessions whose last heartbeat is older than ``min_age`` s.
 
