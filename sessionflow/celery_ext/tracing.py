@@ -12,6 +12,7 @@ or a waiting caller can see it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -138,11 +139,16 @@ def _retrying(call: Callable[[], T], patience: float = STORE_PATIENCE) -> T:
 
 
 class SessionBody:
-    """Wraps ``task.run``: middleware sees the return value before it is stored."""
+    """Wraps ``task.run``: middleware sees the return value before it is stored.
+
+    ``__wrapped__`` and the copied attributes keep ``inspect.signature(task.run)``
+    what it was: ``Task.retry`` reads it to merge args and kwargs.
+    """
 
     def __init__(self, flow: SessionFlow, run: Any) -> None:
         self.flow = flow
         self.run = run
+        functools.update_wrapper(self, run)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         retval = self.run(*args, **kwargs)
