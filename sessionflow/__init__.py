@@ -1,5 +1,7 @@
 """sessionflow: Temporal-style worker sessions for Celery."""
 
+import importlib.metadata as _metadata
+
 from .context import current_session
 from .errors import (
     ConfigurationError,
@@ -23,7 +25,10 @@ from .history import RunRecord
 from .session import Session, SessionInfo, SessionState
 from .state import State
 
-__version__ = "0.1.0"
+try:  # the installed distribution's metadata: the one version pyproject.toml sets
+    __version__: str = _metadata.version("sessionflow")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     # client

@@ -7,6 +7,7 @@ from celery import Celery
 from celery.app.utils import find_app
 from celery.utils.imports import import_from_cwd, symbol_by_name
 
+from . import __version__
 from .config import Config, load_config
 from .errors import SessionFlowError
 from .flow import SessionFlow
@@ -37,6 +38,7 @@ _app = click.option("-A", "--app", help="Celery app (module or module:attr) to r
 
 
 @click.group()
+@click.version_option(__version__, prog_name="sessionflow", message="%(prog)s %(version)s")
 def main() -> None:
     """sessionflow: Temporal-style worker sessions for Celery."""
 
