@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from sessionflow.models import Base
+from sessionflow.store.sql.models import Base
 
 VERSION_TABLE = "sf_alembic_version"
 

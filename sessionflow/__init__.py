@@ -2,12 +2,15 @@
 
 import importlib.metadata as _metadata
 
+from .canvas import detached
 from .context import current_session
+from .enums import SessionState
 from .errors import (
     ConfigurationError,
     InvalidArgument,
     InvalidRecreateToken,
     NestedSessionError,
+    NodeNameInUse,
     SessionClosed,
     SessionCreationTimeout,
     SessionEnded,
@@ -15,14 +18,15 @@ from .errors import (
     SessionFlowError,
     SessionNotFound,
     SessionTaskLost,
+    SessionTaskRefused,
     StateConflict,
     StateValueError,
     StoreError,
     TurnLimitExceeded,
 )
 from .flow import SessionFlow
-from .history import RunRecord
-from .session import Session, SessionInfo, SessionState
+from .records import RunRecord
+from .session import Session, SessionInfo
 from .state import State
 
 try:  # the installed distribution's metadata: the one version pyproject.toml sets
@@ -37,6 +41,7 @@ __all__ = [
     "SessionInfo",
     "SessionState",
     "current_session",
+    "detached",
     # state and history
     "RunRecord",
     "State",
@@ -45,6 +50,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidRecreateToken",
     "NestedSessionError",
+    "NodeNameInUse",
     "SessionClosed",
     "SessionCreationTimeout",
     "SessionEnded",
@@ -52,6 +58,7 @@ __all__ = [
     "SessionFlowError",
     "SessionNotFound",
     "SessionTaskLost",
+    "SessionTaskRefused",
     "StateConflict",
     "StateValueError",
     "StoreError",

@@ -1,14 +1,29 @@
-"""Pin a task, signature or canvas to a session: stamp every signature in it.
+"""Pin a task, signature or canvas to a session: stamp every task signature in it.
 
-``chain(...).apply_async(queue=q)`` routes only the first task, so the route is
-set on every signature, including group members, chord headers and bodies.
-Routing itself is done by :func:`route_session_task`, a Celery router that
-reads the session headers, so nothing but JSON travels in the messages.
+``chain(...).apply_async(queue=q)`` routes only the first task, so the session
+headers are set on every task signature of a canvas, including group members,
+chord headers and bodies. Routing itself is done by :func:`route_session_task`,
+a Celery router that reads the headers, so nothing but JSON travels.
+
+Headers of a session task (all JSON):
+
+- ``sessionflow_session``: the session id;
+- ``sessionflow_queue``: the session's queue when it was sent;
+- ``sessionflow_sig``: HMAC of (session id, task id), so a worker can tell a task
+  sent through the session from a forged header without a lookup;
+- ``sessionflow_branch``: ``[group id, member, step, member length]`` for the
+  tasks of a parallel branch (see :mod:`sessionflow.branches`).
+
+Composite signatures (chains, groups, chords) carry no ``headers`` option of
+their own: Celery merges a group's options over its members', which would
+replace each member's signature with the group's.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Signature
@@ -20,7 +35,11 @@ from .runtime import current_run
 
 SESSION_HEADER = "sessionflow_session"
 QUEUE_HEADER = "sessionflow_queue"
+SIG_HEADER = "sessionflow_sig"
+BRANCH_HEADER = "sessionflow_branch"
+HEADERS = (SESSION_HEADER, QUEUE_HEADER, SIG_HEADER, BRANCH_HEADER)
 _ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "exchange_type")
+_detached = threading.local()
 
 
 def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:
@@ -47,20 +66,10 @@ def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]
     )
 
 
-def leaves(sig: Signature) -> Iterator[Signature]:
-    """Every task signature in a (frozen) canvas, in dispatch order."""
-    if isinstance(sig, _chain):
-        frozen = getattr(sig, "_frozen", None)
-        for step in reversed(frozen[0]) if frozen else sig.tasks:
-            yield from leaves(step)
-    elif isinstance(sig, (_chord, group)):
-        for member in _members(sig):
-            yield from leaves(member)
-        body = getattr(sig, "body", None)
-        if body is not None:
-            yield from leaves(body)
-    else:
-        yield sig
+def _steps(sig: _chain) -> list[Signature]:
+    """A chain's steps as it will send them (freezing may turn group|task into a chord)."""
+    frozen = getattr(sig, "_frozen", None)
+    return list(reversed(frozen[0])) if frozen else list(sig.tasks)
 
 
 def _members(sig: Signature) -> list[Signature]:
@@ -72,11 +81,26 @@ def _members(sig: Signature) -> list[Signature]:
     return [maybe_signature(member, app=sig._app) for member in header]
 
 
+def leaves(sig: Signature) -> Iterator[Signature]:
+    """Every task signature in a (frozen) canvas, in dispatch order."""
+    if isinstance(sig, _chain):
+        for step in _steps(sig):
+            yield from leaves(step)
+    elif isinstance(sig, (_chord, group)):
+        for member in _members(sig):
+            yield from leaves(member)
+        body = getattr(sig, "body", None)
+        if body is not None:
+            yield from leaves(body)
+    else:
+        yield sig
+
+
 def nodes(sig: Signature) -> Iterator[Signature]:
-    """Every signature in a canvas, composite ones included."""
+    """Every signature in a (frozen) canvas, composite ones included."""
     yield sig
     if isinstance(sig, _chain):
-        for step in sig.tasks:
+        for step in _steps(sig):
             yield from nodes(step)
     elif isinstance(sig, (_chord, group)):
         if isinstance(sig.tasks, group):
@@ -88,19 +112,70 @@ def nodes(sig: Signature) -> Iterator[Signature]:
             yield from nodes(body)
 
 
-def stamp(sig: Signature, session_id: str, queue: str) -> None:
-    """Set the session headers on every signature and clear competing routes.
+def stamp(
+    sig: Signature,
+    session_id: str,
+    queue: str,
+    signer: Any,
+    branches: Mapping[str, list[Any]] | None = None,
+) -> None:
+    """Set the session headers on every task signature and clear competing routes.
 
-    ``None`` routing options override routes that a task class declares
+    ``signer(task_id)`` returns the signature header of a task. A composite's own
+    ``headers`` move down to its tasks (Celery would let them replace the tasks'
+    headers). ``None`` routing options override routes a task class declares
     (``@app.task(queue=...)``); the router then supplies the session queue.
     """
+    inherited: dict[int, dict[str, Any]] = {}
     for node in nodes(sig):
-        headers = dict(node.options.get("headers") or {})
-        headers[SESSION_HEADER] = session_id
-        headers[QUEUE_HEADER] = queue
-        node.options["headers"] = headers
+        own = dict(inherited.get(id(node), {}))
+        own.update(node.options.get("headers") or {})
         for key in _ROUTING_OPTIONS:
             node.options[key] = None
+        if isinstance(node, (_chain, group, _chord)):
+            node.options.pop("headers", None)
+            for child in _children(node):
+                inherited[id(child)] = {**own, **inherited.get(id(child), {})}
+            continue
+        own.update({SESSION_HEADER: session_id, QUEUE_HEADER: queue, SIG_HEADER: signer(node.id)})
+        branch = (branches or {}).get(node.id)
+        if branch is not None:
+            own[BRANCH_HEADER] = branch
+        node.options["headers"] = own
+
+
+def _children(node: Signature) -> list[Signature]:
+    if isinstance(node, _chain):
+        return _steps(node)
+    out = list(_members(node))
+    if isinstance(node.tasks, group):
+        out.append(node.tasks)
+    body = getattr(node, "body", None)
+    if body is not None:
+        out.append(body)
+    return out
+
+
+# -- routing and sessions joined from inside a task ------------------------------------
+
+
+@contextmanager
+def detached() -> Iterator[None]:
+    """Inside a session task: tasks sent in this block do not join the session.
+
+    By default a task sent from a session task (``delay``, ``apply_async``,
+    ``send_task``, a canvas) joins that session and runs on its worker.
+    """
+    previous = getattr(_detached, "on", False)
+    _detached.on = True
+    try:
+        yield
+    finally:
+        _detached.on = previous
+
+
+def is_detached() -> bool:
+    return bool(getattr(_detached, "on", False))
 
 
 def route_session_task(

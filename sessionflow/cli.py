@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 from celery import Celery
 from celery.app.utils import find_app
 from celery.utils.imports import import_from_cwd, symbol_by_name
 
 from . import __version__
-from .config import Config, load_config
+from .config import DEFAULT_DATABASE_URL, Config, check_database_url, load_config
 from .errors import SessionFlowError
 from .flow import SessionFlow
-from .store import Store
+from .store.sql import SQLStore
 
 
 def _config(url: str | None, app: str | None) -> Config:
     if url and app:
         raise click.UsageError("give --url or -A/--app, not both")
-    if app:
-        return load_config(_find_app(app).conf)
-    return Config(database_url=url) if url else Config()
+    try:
+        if app:
+            return load_config(_find_app(app).conf)
+        if url:
+            check_database_url(url)
+            return Config(database_url=url)
+    except SessionFlowError as exc:
+        raise click.ClickException(str(exc)) from None
+    default = os.path.abspath(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
+    raise click.UsageError(
+        "which session store? Pass --url URL, or -A yourapp to use the store the app "
+        f"configures (without sessionflow_database_url an app uses {DEFAULT_DATABASE_URL}, "
+        f"which here would be {default})"
+    )
 
 
 def _find_app(name: str) -> Celery:
@@ -53,11 +66,26 @@ def db() -> None:
 @_app
 def upgrade(url: str | None, app: str | None) -> None:
     """Apply all pending migrations."""
+    config = _config(url, app)
+    click.echo(f"upgrading the session store at {config.masked_url}")
     try:
-        revision = Store(_config(url, app)).upgrade()
+        revision = SQLStore(config).upgrade()
     except SessionFlowError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"session store at revision {revision}")
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"session store at {config.masked_url} is at revision {revision}")
+
+
+@db.command()
+@_url
+@_app
+def current(url: str | None, app: str | None) -> None:
+    """Print the schema revision in force (changes nothing)."""
+    config = _config(url, app)
+    try:
+        revision = SQLStore(config).revision()
+    except SessionFlowError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"session store at {config.masked_url} is at revision {revision or 'none'}")
 
 
 @main.command("sessions")
@@ -78,3 +106,7 @@ def sessions_cmd(
             )
     except SessionFlowError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,10 @@ class InvalidRecreateToken(InvalidArgument):
     """A recreate token is malformed, tampered with, or signed with another key."""
 
 
+class NodeNameInUse(ConfigurationError):
+    """A live worker already runs under this node name; start this one with another ``-n``."""
+
+
 class StoreError(SessionFlowError):
     """The session store cannot be reached or its schema is not ready."""
 
@@ -86,5 +90,34 @@ class SessionTaskLost(SessionFailed):
     """The task was running when its worker process died; it did not finish."""
 
 
+class SessionTaskRefused(SessionFlowError):
+    """A message claimed a session it was not sent for, or reached a worker that does not
+    hold that session; it did not run."""
+
+    def __init__(self, message: str, session_id: str = "") -> None:
+        super().__init__(message, session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class TurnLimitExceeded(SessionFlowError):
     """Sending these tasks would take the session past its ``max_turns``."""
+
+
+def ended_error(session_id: str, status: str | None, reason: str | None) -> SessionFlowError:
+    """The error for work sent to, or left in, a session that is not open."""
+    if status == "failed":
+        return SessionFailed(
+            f"session {session_id} failed ({reason}); create a new session to continue",
+            session_id,
+            reason or "unknown",
+        )
+    if status == "closed":
+        return SessionClosed(
+            f"session {session_id} is closed ({reason}); create a new session to continue",
+            session_id,
+            reason or "completed",
+        )
+    return SessionNotFound(f"no session {session_id!r} in the store")

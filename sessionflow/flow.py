@@ -1,24 +1,24 @@
-"""``SessionFlow(app)``: attach sessions to a Celery app, create and find sessions."""
+"""``SessionFlow(app)``: attach sessions to a Celery app, create, find and end sessions."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-import uuid
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from celery.backends.base import DisabledBackend
+from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.entity import Queue
 
-from . import canvas, tokens
+from . import canvas, limits, options, tokens
 from .canvas import make_queue
 from .celery_ext.tracing import Middleware
 from .config import Config, load_config
 from .context import current_session
+from .enums import Reason, SessionState, SessionStatus
 from .errors import (
     InvalidArgument,
     InvalidRecreateToken,
@@ -26,16 +26,18 @@ from .errors import (
     SessionCreationTimeout,
     SessionNotFound,
 )
-from .lifecycle import Lifecycle
-from .session import Session, SessionState
-from .store import MOVING, OPEN, PENDING, Store, utcnow
+from .queues import Queues, request_is_live
+from .records import NewSession
+from .results import Resolver
+from .session import Session
+from .store import SessionStore, open_store
+from .sweeper import Sweeper, Watcher
 
 logger = logging.getLogger("sessionflow")
 
 _APP_ATTR = "_sessionflow"
 _POLL_START, _POLL_MAX = 0.001, 0.05
-MERGE_POLICIES = ("last_write_wins", "raise")
-BUILTIN_REDUCERS = ("append", "sum", "max", "min", "union", "merge")
+END_REPLY_TIMEOUT = 1.0  # seconds to wait for the owning worker to confirm an end
 
 
 class SessionFlow:
@@ -46,6 +48,10 @@ class SessionFlow:
     worker_nodename: str | None  # set in worker processes (celery worker -n)
     worker_closing: bool  # the worker is shutting down: admit nothing more
     reducers: dict[str, Callable[[Any, Any], Any]]
+    live: Any  # the worker main process's LiveSessions (None elsewhere)
+    live_dir: str | None  # the worker's live directory (inherited by pool processes)
+    own_queue: str | None  # the worker's session queue
+    worker_step: Any  # the SessionWorker bootstep of this worker process
 
     def __new__(cls, app: Celery) -> SessionFlow:
         if not isinstance(app, Celery):
@@ -60,9 +66,19 @@ class SessionFlow:
         self.worker_nodename = None
         self.worker_closing = False
         self.reducers = {}
+        self.live = None
+        self.live_dir = None
+        self.own_queue = None
+        self.worker_step = None
         setattr(app, _APP_ATTR, self)
         self._install()
         return self
+
+    def __repr__(self) -> str:
+        return f"<SessionFlow of {self.app.main or 'app'}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a SessionFlow belongs to its process's app; call SessionFlow(app) there")
 
     @classmethod
     def of(cls, app: Celery) -> SessionFlow | None:
@@ -76,9 +92,6 @@ class SessionFlow:
         self._install_router()
         self.app.on_after_finalize.connect(lambda **_: self._install_router(), weak=False)
         install(self)
-        from .history import install as install_state
-
-        install_state(self)
 
     def _install_router(self) -> None:
         routes = self.app.conf.task_routes
@@ -94,20 +107,50 @@ class SessionFlow:
             self.app.amqp.flush_routes()
             self.app.amqp.__dict__.pop("router", None)
 
+    # -- parts, made on first use ---------------------------------------------------
+
     @cached_property
     def config(self) -> Config:
         """The validated ``sessionflow_*`` settings, read once."""
         return load_config(self.app.conf)
 
     @cached_property
-    def store(self) -> Store:
-        return Store(self.config)
+    def store(self) -> SessionStore:
+        return open_store(self.config)
+
+    @cached_property
+    def signing_key(self) -> bytes:
+        """``sessionflow_secret_key``, or the key the store generated for every process."""
+        if self.config.secret_key:
+            return self.config.secret_key.encode()
+        return self.store.secret()
 
     @cached_property
     def creation_queue(self) -> Queue:
         return make_queue(self.config.creation_queue)
 
-    # -- sessions ---------------------------------------------------------
+    @cached_property
+    def queues(self) -> Queues:
+        return Queues(self.app, self.config)
+
+    @cached_property
+    def resolver(self) -> Resolver:
+        return Resolver(self.app)
+
+    @cached_property
+    def sweeper(self) -> Sweeper:
+        return Sweeper(self.store, self.queues, self.resolver, self.config, self.request_admission)
+
+    @cached_property
+    def watcher(self) -> Watcher:
+        return Watcher(self.sweeper, self.config.monitor_interval)
+
+    def ensure_watching(self) -> None:
+        """Judge silent workers from this (client) process too; workers do it on their own."""
+        if self.worker_nodename is None:
+            self.watcher.ensure()
+
+    # -- creating sessions -------------------------------------------------------------
 
     def create_session(
         self,
@@ -130,7 +173,9 @@ class SessionFlow:
 
         Raises :class:`SessionCreationTimeout` after ``creation_timeout`` seconds.
         """
-        options = self._session_options(
+        new = options.new_session(
+            self.config,
+            self.reducers,
             creation_timeout=creation_timeout,
             execution_timeout=execution_timeout,
             user_id=user_id,
@@ -150,88 +195,7 @@ class SessionFlow:
                 "this task already runs in a session; use current_session().apply_async() "
                 "to add work to it instead of creating a session inside it"
             )
-        return self._create(options, creation_timeout)
-
-    def _session_options(
-        self,
-        *,
-        creation_timeout: Any,
-        execution_timeout: Any,
-        user_id: Any,
-        agent_id: Any,
-        metadata: Any,
-        heartbeat_timeout: Any,
-        ttl: Any,
-        idle_timeout: Any,
-        max_turns: Any,
-        survive_restart: Any,
-        affinity: Any,
-        merge: Any,
-        reducers: Any,
-    ) -> dict[str, Any]:
-        """Validate session options into store column values; raises InvalidArgument."""
-        _positive("creation_timeout", creation_timeout)
-        _positive("execution_timeout", execution_timeout)
-        _positive("heartbeat_timeout", heartbeat_timeout)
-        if heartbeat_timeout < 2 * self.config.heartbeat_interval:
-            raise InvalidArgument(
-                f"heartbeat_timeout={heartbeat_timeout} must be at least twice "
-                f"sessionflow_heartbeat_interval ({self.config.heartbeat_interval} s), or a "
-                "healthy worker would look dead between two heartbeats"
-            )
-        for name, value in (("ttl", ttl), ("idle_timeout", idle_timeout)):
-            if value is not None:
-                _positive(name, value)
-        if max_turns is not None and (
-            isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1
-        ):
-            raise InvalidArgument(f"max_turns must be a positive whole number, got {max_turns!r}")
-        if not isinstance(survive_restart, bool):
-            raise InvalidArgument(f"survive_restart must be True or False, got {survive_restart!r}")
-        if affinity not in ("hard", "soft"):
-            raise InvalidArgument(f"affinity must be 'hard' or 'soft', got {affinity!r}")
-        if merge not in MERGE_POLICIES:
-            raise InvalidArgument(f"merge must be one of {MERGE_POLICIES}, got {merge!r}")
-        _optional_str("user_id", user_id)
-        _optional_str("agent_id", agent_id)
-        return {
-            "user_id": user_id,
-            "agent_id": agent_id,
-            "metadata": _json_dict("metadata", metadata),
-            "creation_timeout": float(creation_timeout),
-            "execution_timeout": float(execution_timeout),
-            "heartbeat_timeout": float(heartbeat_timeout),
-            "ttl": None if ttl is None else float(ttl),
-            "idle_timeout": None if idle_timeout is None else float(idle_timeout),
-            "max_turns": max_turns,
-            "survive_restart": survive_restart,
-            "affinity": affinity,
-            "merge_policy": merge,
-            "reducers": self._check_reducers(reducers),
-        }
-
-    def register_reducer(self, name: str, function: Callable[[Any, Any], Any]) -> None:
-        """Make ``function(current, incoming) -> merged`` usable as a reducer by ``name``."""
-        if not isinstance(name, str) or not name or name in BUILTIN_REDUCERS:
-            raise InvalidArgument(
-                f"reducer name must be a non-empty string other than {BUILTIN_REDUCERS}"
-            )
-        if not callable(function):
-            raise InvalidArgument(f"reducer {name!r} must be callable")
-        self.reducers[name] = function
-
-    def _check_reducers(self, reducers: Any) -> dict[str, str] | None:
-        if reducers is None:
-            return None
-        if not isinstance(reducers, dict) or not all(isinstance(k, str) for k in reducers):
-            raise InvalidArgument("reducers must be a dict of state key -> reducer name")
-        for key, name in reducers.items():
-            if name not in BUILTIN_REDUCERS and name not in self.reducers:
-                raise InvalidArgument(
-                    f"unknown reducer {name!r} for key {key!r}: use one of {BUILTIN_REDUCERS} "
-                    "or register it with flow.register_reducer(name, function) in every process"
-                )
-        return dict(reducers)
+        return self._create(new)
 
     def recreate_session(
         self,
@@ -254,10 +218,12 @@ class SessionFlow:
         """A new session on the worker that held the token's session (Temporal's RecreateSession).
 
         Waits up to ``creation_timeout`` for a slot on that worker, then raises
-        :class:`SessionCreationTimeout`.
+        :class:`SessionCreationTimeout`. Tokens do not expire and may be used again.
         """
-        old_id, nodename = tokens.read_token(self.config.secret_key, token)
-        options = self._session_options(
+        old_id, nodename = tokens.read_token(self.signing_key, token)
+        new = options.new_session(
+            self.config,
+            self.reducers,
             creation_timeout=creation_timeout,
             execution_timeout=execution_timeout,
             user_id=user_id,
@@ -271,35 +237,48 @@ class SessionFlow:
             affinity=affinity,
             merge=merge,
             reducers=reducers,
+            target_worker=nodename,
+            recreated_from=old_id,
         )
         old = self.store.get_session(old_id)
-        if old is None or old["hostname"] != nodename:
+        if old is None or old.hostname != nodename:
             raise InvalidRecreateToken(
                 "recreate token refers to a session this store does not know: was it made "
                 "by another deployment?"
             )
-        options.update(target_worker=nodename, recreated_from=old_id)
-        queue = make_queue(self.config.worker_creation_queue(nodename))
-        return self._create(options, creation_timeout, queue)
+        return self._create(new, make_queue(self.config.worker_creation_queue(nodename)))
 
-    def _create(
-        self, options: dict[str, Any], creation_timeout: float, queue: Queue | None = None
-    ) -> Session:
-        session_id = str(uuid.uuid4())
-        self.store.create_pending({"id": session_id, "created_at": utcnow(), **options})
-        self.request_admission(session_id, creation_timeout, queue)
-        self._await_admission(session_id, creation_timeout)
-        self.lifecycle.ensure_watching()
-        return Session(self, session_id)
+    def _create(self, new: NewSession, queue: Queue | None = None) -> Session:
+        self.store.create_pending(new)
+        reply_id = f"sessionflow.created.{new.id}"
+        self.request_admission(new.id, new.creation_timeout, queue, reply_id)
+        self._await_admission(new.id, new.creation_timeout, reply_id, queue)
+        self.ensure_watching()
+        return Session(self, new.id)
 
     def request_admission(
-        self, session_id: str, creation_timeout: float | None = None, queue: Queue | None = None
+        self,
+        session_id: str,
+        creation_timeout: float | None = None,
+        queue: Queue | None = None,
+        reply_id: str | None = None,
+        move: bool = False,
     ) -> None:
-        """Ask the workers (or the one of ``queue``) to admit a pending session."""
+        """Ask the workers (or the one of ``queue``) to admit a pending session.
+
+        ``move``: it is a session changing workers, whose parked tasks come along.
+        """
         queue = queue or self.creation_queue
+        body: dict[str, Any] = {"session_id": session_id}
+        if move:
+            body["move"] = True
+        if creation_timeout is not None:
+            body["expires_at"] = time.time() + creation_timeout
+        if reply_id is not None and not isinstance(self.app.backend, DisabledBackend):
+            body["reply"] = reply_id
         with self.app.producer_or_acquire() as producer:
             producer.publish(
-                {"session_id": session_id},
+                body,
                 exchange=queue.exchange,
                 routing_key=queue.routing_key,
                 declare=[queue],
@@ -309,35 +288,65 @@ class SessionFlow:
                 expiration=creation_timeout,
             )
 
-    def _await_admission(self, session_id: str, creation_timeout: float) -> None:
-        deadline = time.monotonic() + creation_timeout
-        delay = _POLL_START
-        while True:
-            status = self.store.get_status(session_id)
-            if status == OPEN:
+    def _await_admission(
+        self, session_id: str, timeout: float, reply_id: str, queue: Queue | None
+    ) -> None:
+        """Wait for the admitting worker's reply (result backend), else poll the store."""
+        if not isinstance(self.app.backend, DisabledBackend):
+            try:
+                self.app.AsyncResult(reply_id).get(timeout=timeout, interval=0.01, propagate=False)
                 return
-            if status != PENDING:
-                raise SessionCreationTimeout(f"session {session_id} was abandoned ({status})")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, _POLL_MAX)
-        if self.store.abandon_pending(session_id, "creation_timeout"):
+            except CeleryTimeout:
+                pass
+        else:
+            self._poll_admission(session_id, timeout)
+        if self.store.abandon_pending(session_id, Reason.CREATION_TIMEOUT.value):
+            self._clear_stale_requests(queue or self.creation_queue)
             raise SessionCreationTimeout(
-                f"no worker admitted the session within {creation_timeout} s: are workers "
+                f"no worker admitted the session within {timeout} s: are workers "
                 "running with SessionFlow(app), and below their --max-sessions cap?"
             )
         # A worker admitted it between our last look and the abandon attempt.
 
+    def _poll_admission(self, session_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = _POLL_START
+        while True:
+            status = self.store.statuses([session_id]).get(session_id)
+            if status is None or status[0] is not SessionStatus.PENDING:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX)
+
+    def _clear_stale_requests(self, queue: Queue) -> None:
+        """A timed-out client removes requests nobody waits for (Redis keeps them)."""
+        try:
+            self.queues.clear_stale_requests(queue, request_is_live)
+        except Exception as exc:
+            logger.warning("sessionflow: could not clear stale creation requests: %s", exc)
+
+    def register_reducer(self, name: str, function: Callable[[Any, Any], Any]) -> None:
+        """Make ``function(current, incoming) -> merged`` usable as a reducer by ``name``."""
+        if not isinstance(name, str) or not name or name in options.BUILTIN_REDUCERS:
+            raise InvalidArgument(
+                f"reducer name must be a non-empty string other than {options.BUILTIN_REDUCERS}"
+            )
+        if not callable(function):
+            raise InvalidArgument(f"reducer {name!r} must be callable")
+        self.reducers[name] = function
+
+    # -- finding sessions ---------------------------------------------------------------
+
     def get_session(self, session_id: str) -> Session:
         """The session with this id, from any process; raises SessionNotFound."""
-        if not isinstance(session_id, str) or not session_id:
-            raise InvalidArgument("session_id must be a non-empty string")
-        row = self.store.get_session(session_id)
-        if row is None or (row["status"] == PENDING and row["reason"] != MOVING):
+        limits.text("session_id", session_id)
+        record = self.store.get_session(session_id)
+        if record is None or (record.status is SessionStatus.PENDING and not record.moving):
             raise SessionNotFound(f"no session {session_id!r} in the store")
-        self.lifecycle.ensure_watching()
+        self.ensure_watching()
         return Session(self, session_id)
 
     def list_sessions(
@@ -345,64 +354,84 @@ class SessionFlow:
         state: SessionState | str | None = None,
         user_id: str | None = None,
         hostname: str | None = None,
+        agent_id: str | None = None,
     ) -> list[Session]:
         """Sessions in the store, oldest first, optionally filtered."""
         status = None
         if state is not None:
             try:
-                status = SessionState(state).value
+                status = SessionStatus(SessionState(state).value)
             except ValueError:
                 raise InvalidArgument(
-                    f"state must be one of {[s.value for s in SessionState]}, got {state!r}"
+                    f"state must be one of {[s.value for s in SessionState]}, "
+                    f"got {limits._shown(state)}"
                 ) from None
-        _optional_str("user_id", user_id)
-        _optional_str("hostname", hostname)
-        rows = self.store.list_sessions(status, user_id, hostname)
-        return [Session(self, row["id"]) for row in rows]
+        limits.text("user_id", user_id, optional=True)
+        limits.text("hostname", hostname, optional=True)
+        limits.text("agent_id", agent_id, optional=True)
+        records = self.store.list_sessions(
+            status=status, user_id=user_id, hostname=hostname, agent_id=agent_id
+        )
+        return [Session(self, record.id) for record in records]
 
-    # -- ending sessions --------------------------------------------------
+    # -- ending sessions ----------------------------------------------------------------
 
-    def end_session(self, session_id: str, status: str, reason: str) -> bool:
-        """Close or fail an open session and resolve its unstarted tasks; False if not open."""
-        ended = self.store.end_session(session_id, status, reason)
-        if ended is None:
+    def end_session(self, session_id: str, status: SessionStatus, reason: str) -> bool:
+        """Close or fail an open session; False if it was not open.
+
+        The owning worker is told at once (a control command with a reply) and
+        settles the session's unstarted tasks. If it does not answer, this waits
+        until its next heartbeat has seen the end (or until it counts as lost).
+        """
+        record = self.store.get_session(session_id)
+        if record is None or not self.store.end_session(session_id, status, reason):
             return False
-        self.lifecycle.resolve(ended)
+        owner = record.hostname
+        if owner is None:
+            return True
+        if self.live is not None and self.live.in_this_process() and self.worker_nodename == owner:
+            self.live.end(session_id)  # this worker holds it: settle here
+            return True
+        if not self._tell_owner(owner, session_id):
+            self._await_owner(owner, session_id, record.heartbeat_timeout)
         return True
 
-    @cached_property
-    def lifecycle(self) -> Lifecycle:
-        return Lifecycle(self)
+    def _tell_owner(self, owner: str, session_id: str) -> bool:
+        try:
+            replies = self.app.control.broadcast(
+                "sessionflow_end",
+                arguments={"session_id": session_id},
+                destination=[owner],
+                reply=True,
+                timeout=END_REPLY_TIMEOUT,
+                limit=1,
+            )
+        except Exception as exc:  # no broker, no fanout on this transport
+            logger.info("sessionflow: could not tell %s about %s: %s", owner, session_id, exc)
+            return False
+        return any(
+            isinstance(reply, dict) and reply.get(owner, {}).get("ok") for reply in replies or ()
+        )
+
+    def _await_owner(self, owner: str, session_id: str, heartbeat_timeout: float) -> None:
+        """Wait until the owner's heartbeat is later than the end (it has applied it), or
+        it has gone silent (a sweeper settles the session for it)."""
+        interval = self.config.heartbeat_interval
+        deadline = time.monotonic() + heartbeat_timeout + 2 * interval
+        while time.monotonic() < deadline:
+            record = self.store.get_session(session_id, with_heartbeat=True)
+            beat = None if record is None else record.last_heartbeat_at
+            if record is None or record.closed_at is None or beat is None:
+                return
+            if beat >= record.closed_at or record.settled:
+                return
+            if (self.store.clock() - beat).total_seconds() > 3 * interval + 1:
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Stop this process's liveness watcher and close its store connections."""
-        if "lifecycle" in self.__dict__:
-            self.lifecycle.stop_watching()
+        if "watcher" in self.__dict__:
+            self.watcher.stop()
         if "store" in self.__dict__:
             self.store.dispose()
-
-
-def _positive(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
-
-
-def _optional_str(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise InvalidArgument(f"{name} must be a non-empty string or None, got {value!r}")
-
-
-def _json_dict(name: str, value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{name} must be a dict of JSON values, got {type(value).__name__}")
-    try:
-        return dict(json.loads(json.dumps(value, allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"{name} must hold only JSON values: {exc}") from None

@@ -24,6 +24,7 @@ OpKind = Literal["set", "delete", "increment", "append"]
 #: One operation: (kind, key, argument); the argument of a delete is None.
 Op = tuple[str, str, Any]
 Reducer = Callable[[Any, Any], Any]
+MAX_DEPTH = 64  # nesting of a value: deeper structures are refused, never recursed into
 
 
 class _Missing:
@@ -45,7 +46,19 @@ def check_value(key: str, value: Any, max_bytes: int | None = None) -> tuple[Any
     Only None, bool, int, float (finite), str, lists and dicts with str keys are
     accepted; tuples, sets, bytes, dates and objects are refused, never coerced.
     """
-    bad = _first_bad(value)
+    bad = first_bad(value)
+    if isinstance(bad, _TooDeep):
+        raise StateValueError(
+            f"state key {key!r}: the value is nested more than {MAX_DEPTH} levels deep; "
+            "nothing was written",
+            key,
+        )
+    if isinstance(bad, str):
+        raise StateValueError(
+            f"state key {key!r}: a string in the value is not valid Unicode (a lone "
+            "surrogate); nothing was written",
+            key,
+        )
     if bad is not None:
         raise StateValueError(
             f"state key {key!r}: {type(bad).__name__} is not a JSON value "
@@ -64,26 +77,49 @@ def check_value(key: str, value: Any, max_bytes: int | None = None) -> tuple[Any
     return json.loads(text), size
 
 
-def _first_bad(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    if isinstance(value, list):
-        for item in value:
-            bad = _first_bad(item)
-            if bad is not None:
-                return bad
-        return None
-    if isinstance(value, dict):
-        for k, item in value.items():
-            if not isinstance(k, str):
-                return k
-            bad = _first_bad(item)
-            if bad is not None:
-                return bad
-        return None
-    return value
+def first_bad(value: Any) -> Any:
+    """The first part of ``value`` that is not storable JSON (None if all is), without
+    recursion: too deep a structure is reported as itself."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if item is None or isinstance(item, (bool, int)):
+            continue
+        if isinstance(item, str):
+            if not _encodable(item):
+                return item
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return item
+            continue
+        if depth > MAX_DEPTH:
+            return _TooDeep()
+        if isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, dict):
+            for k, child in item.items():
+                if not isinstance(k, str) or not _encodable(k):
+                    return k
+                stack.append((child, depth + 1))
+        else:
+            return item
+    return None
+
+
+class _TooDeep:
+    """Stands for a structure nested more than MAX_DEPTH levels."""
+
+    def __repr__(self) -> str:
+        return f"a structure nested more than {MAX_DEPTH} levels"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it
+        return False
+    return True
 
 
 def copy_value(value: Any) -> Any:

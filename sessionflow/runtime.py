@@ -18,6 +18,7 @@ class TaskRun:
     request: dict[str, Any]
     queue: str = ""  # the session's queue now (it changes when a session moves)
     extra: dict[str, Any] = field(default_factory=dict)
+    flow: Any = None  # the SessionFlow of the worker running it
 
 
 _current = threading.local()

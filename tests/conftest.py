@@ -46,6 +46,8 @@ def stack(
         yield stack
     finally:
         stack.teardown()
+    leaked = stack.leaked_secrets()
+    assert not leaked, f"a secret appeared in the output of the {spec.name} stack: {leaked}"
 
 
 @pytest.fixture

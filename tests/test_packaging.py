@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import REDIS_URL, service_up
-from sessionflow import migrate
+from sessionflow.store.sql import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "migrations"
@@ -92,7 +92,7 @@ def test_wheel_migrations_reach_head(wheel: Path, tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import sessionflow.migrate as m\n"
+        "import sessionflow.store.sql.migrate as m\n"
         "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
         "print(m.head_revision())\n"
     )

@@ -1,15 +1,18 @@
-"""The worker side of sessionflow: bootsteps, a worker option and a task tracer."""
+"""The worker side of sessionflow: bootsteps, a worker option, the gate and the tracer."""
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from click import Option
 
+from ..middleware import Middleware
+from ..runtime import TaskRun, current_run
+from . import control  # noqa: F401  (registers the remote-control commands)
+from .joining import wrap_send_task
 from .steps import Admission, SessionWorker
-from .tracing import Middleware, TaskRun, current_run, wrap_tracers
+from .tracing import wrap_tracers
 
 if TYPE_CHECKING:
     from ..flow import SessionFlow
@@ -18,7 +21,9 @@ __all__ = ["Admission", "Middleware", "SessionWorker", "TaskRun", "current_run",
 
 
 def install(flow: SessionFlow) -> None:
-    """Add the worker option, bootsteps and child-process hook to ``flow.app``."""
+    """Add the worker option, bootsteps, child-process hook and joining to ``flow.app``."""
+    from ..branches import BranchMiddleware
+
     app = flow.app
     app.user_options["worker"].add(
         Option(
@@ -31,22 +36,34 @@ def install(flow: SessionFlow) -> None:
     )
     app.steps["worker"].add(SessionWorker)
     app.steps["consumer"].add(Admission)
+    if not any(isinstance(m, BranchMiddleware) for m in flow.middleware):
+        flow.middleware.append(BranchMiddleware(flow))
+    wrap_send_task(flow)
 
     def _on_process_init(**_: Any) -> None:
         # prefork children rebuild every task's tracer right before this signal.
         if flow.worker_nodename:
             wrap_tracers(flow, flow.worker_nodename)
 
-    signals.worker_process_init.connect(_on_process_init, weak=False)
-
     def _on_shutting_down(sender: str | None = None, **_: Any) -> None:
-        # Runs inside the SIGTERM handler: stop admitting at once, and end the
-        # sessions from a thread so an interrupted store transaction cannot deadlock.
+        # Runs inside the SIGTERM handler: stop admitting at once; the ticker thread
+        # ends the sessions (a store transaction cannot be interrupted here).
         if flow.worker_nodename is None or sender != flow.worker_nodename:
             return
         flow.worker_closing = True
-        threading.Thread(
-            target=flow.lifecycle.worker_stopping, args=(sender,), name="sessionflow-stop"
-        ).start()
+        step = _step(flow)
+        if step is not None:
+            step.ticker.request_shutdown()
 
+    def _on_shutdown(**_: Any) -> None:
+        step = _step(flow)
+        if step is not None and flow.live is not None and flow.live.in_this_process():
+            step.writer.stop()  # after the pool: the ends of the last tasks are in
+
+    signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
+    signals.worker_shutdown.connect(_on_shutdown, weak=False)
+
+
+def _step(flow: SessionFlow) -> SessionWorker | None:
+    return getattr(flow, "worker_step", None)

@@ -1,6 +1,9 @@
-"""Worker bootsteps: the session queue, admission of new sessions, liveness.
+"""Worker bootsteps: the session queue, the gate, recovery at start, admission.
 
-Everything here runs in the worker's main process, in its event loop.
+``SessionWorker`` runs in the worker blueprint, after the pool is made and
+before the consumer starts, so a worker whose node name is taken refuses to
+start before it consumes anything. ``Admission`` runs in the consumer and takes
+creation requests on the event loop while the worker is below its cap.
 """
 
 from __future__ import annotations
@@ -8,15 +11,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+import socket
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from celery.utils.nodenames import anon_nodename
 from kombu.messaging import Consumer
 
 from ..canvas import make_queue
+from ..enums import Reason, SessionStatus
 from ..errors import ConfigurationError, SessionFlowError
+from ..queues import request_is_live
+from ..records import utcnow
+from ..sweeper import DISPATCH_GRACE
+from .gate import Gate
+from .live import LiveSessions
+from .ticker import Ticker
 from .tracing import wrap_tracers
+from .writer import Writer
 
 if TYPE_CHECKING:
     from kombu.message import Message
@@ -26,10 +38,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sessionflow.worker")
 
 
+def _pid_alive(host: str | None, pid: int, heartbeat_age: float, stale_after: float) -> bool:
+    """Whether the process in a worker row still runs (this machine: ask the OS)."""
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return heartbeat_age < stale_after
+
+
 class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Adds this worker's session queue to the queues it consumes."""
+    """Adds the session queue, installs the gate, recovers what an earlier process left."""
 
     label = "sessionflow"
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, w: Any, max_sessions: int | None = None, **kwargs: Any) -> None:
         from ..flow import SessionFlow
@@ -37,17 +63,132 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(w, **kwargs)
         flow = SessionFlow.of(w.app)
         assert flow is not None
+        self.flow: SessionFlow = flow
         cap = flow.config.max_concurrent_sessions if max_sessions is None else max_sessions
         if cap < 1:
             raise ConfigurationError(f"--max-sessions must be at least 1, got {cap}")
+        self.cap = cap
+        self.nodename: str = w.hostname
         queue = make_queue(flow.config.worker_queue(w.hostname))
         w.app.amqp.queues.select_add(queue)
-        w.sessionflow = {"flow": flow, "cap": cap, "queue": queue.name}
-        flow.worker_nodename = w.hostname  # pool processes forked later inherit it
+        self.queue = queue.name
+        self.writer = Writer(flow.store, flow.config.flush_interval)
+        self.live = LiveSessions(
+            w.hostname, queue.name, cap, flow.store, flow.resolver, self.writer.flush
+        )
+        self.ticker = Ticker(flow, self.live)
+        self.gate = Gate(flow, self.live, self.writer)
+        # Pool processes forked later inherit these.
+        flow.worker_nodename = w.hostname
+        flow.live_dir = self.live.dir
+        flow.own_queue = queue.name
+        flow.live = self.live
+        flow.worker_step = self
+        w.sessionflow = self
+        # A name made up for this process (Celery's embedded test worker) is never
+        # used again: nothing would consume or delete its queues after it stops.
+        self.anonymous = w.hostname == anon_nodename()
+
+    def create(self, w: Any) -> None:
+        w.process_task = self.gate.wrap_process_task(w.process_task)
+        w.pool.apply_async = self.gate.wrap_apply_async(w.pool.apply_async)
+
+    def start(self, w: Any) -> None:
+        flow = self.flow
+        wrap_tracers(flow, self.nodename)  # solo/threads pools run tasks in this process
+        flow.store.register_worker(
+            self.nodename,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queue=self.queue,
+            max_sessions=self.cap,
+            is_alive=lambda host, pid, age: _pid_alive(
+                host, pid, age, 3 * flow.config.heartbeat_interval
+            ),
+        )
+        self.recover()
+        self.writer.start()
+        self.ticker.start()
+        logger.info(
+            "sessionflow: %s admits up to %d sessions; session queue %s; store %s",
+            self.nodename,
+            self.cap,
+            self.queue,
+            flow.config.masked_url,
+        )
+
+    def recover(self) -> None:
+        """Settle what an earlier process of this node name left behind.
+
+        Tasks it was running are lost; sessions that survive a restart stay open
+        with their queued tasks (including the ones it had prefetched); the others
+        fail.
+        """
+        flow, store, resolver = self.flow, self.flow.store, self.flow.resolver
+        for ended in store.lose_interrupted(self.nodename):
+            resolver.resolve(ended)
+        surviving = []
+        for record in store.open_sessions(self.nodename):
+            if record.survive_restart:
+                surviving.append(record.id)
+                self.live.open(record)
+            elif store.end_session(
+                record.id, SessionStatus.FAILED, Reason.WORKER_LOST.value, hostname=self.nodename
+            ):
+                self._settle(record.id)
+        for session_id, _ in store.unsettled(self.nodename):
+            self._settle(session_id)
+        if not surviving:
+            return
+        own = make_queue(self.queue)
+        settled = utcnow() - DISPATCH_GRACE
+        seen = flow.queues.sort(own.name, lambda _session_id: own)
+        for session_id in surviving:
+            missing = store.lose_missing(session_id, seen, settled)
+            if missing is not None:
+                resolver.resolve(missing)
+
+    def _settle(self, session_id: str) -> None:
+        """Settle a session of an earlier process: nothing of it runs in this one."""
+        ended = self.flow.store.settle(session_id, lose_started=True)
+        if ended is not None:
+            self.flow.resolver.resolve(ended)
+
+    def stop(self, w: Any) -> None:
+        """Warm or cold shutdown: end the sessions (once), stop the ticker.
+
+        The writer keeps going until ``worker_shutdown``: the pool stops after this
+        step, and the ends of its last tasks still have to be written.
+        """
+        self.ticker.request_shutdown()
+        self.ticker.wait_shutdown(15)
+        self.ticker.stop()
+        self.live.remove_dir()
+        if self.anonymous:
+            self.delete_queues()
+
+    terminate = stop
+
+    def delete_queues(self) -> None:
+        """Delete this worker's session and creation queues, with their bindings.
+
+        Only for a worker whose node name no later process will have: its sessions
+        have ended or can never resume here, so nothing in these queues can run.
+        """
+        names = (self.queue, self.flow.config.worker_creation_queue(self.nodename))
+        try:
+            with self.flow.app.connection_for_write() as conn:
+                for name in names:
+                    queue = make_queue(name)(conn.default_channel)
+                    queue.declare()  # kombu's virtual transports delete only what they know
+                    queue.delete()
+                    queue.exchange.delete()
+        except Exception:
+            logger.exception("sessionflow: could not delete the queues of %s", self.nodename)
 
 
 class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumes the creation queue while below the cap; writes heartbeats."""
+    """Consumes the creation queues while this worker is below its cap."""
 
     label = "sessionflow admission"
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -58,25 +199,15 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         self.channel: Any = None
         self.paused = False
         self.timers: list[Any] = []
-        self.started = False
 
     def start(self, c: Any) -> None:
-        settings = c.controller.sessionflow
-        self.flow: SessionFlow = settings["flow"]
-        self.cap: int = settings["cap"]
-        self.queue: str = settings["queue"]
-        self.nodename: str = c.hostname
-        wrap_tracers(self.flow, self.nodename)  # solo/threads pools run tasks in this process
-        store = self.flow.store
-        if not settings.get("registered"):
-            # Once per process: the consumer restarts this step after a broker reconnect,
-            # and that must not look like a new process taking over the node name.
-            store.register_worker(self.nodename, self.queue, os.getpid(), self.cap)
-            self.flow.lifecycle.worker_started(self.nodename)
-            settings["registered"] = True
+        worker: SessionWorker = c.controller.sessionflow
+        self.worker = worker
+        self.flow = worker.flow
+        self.live = worker.live
         self.channel = c.connection.channel()
         self.channel.basic_qos(0, 1, False)
-        direct = make_queue(self.flow.config.worker_creation_queue(self.nodename))
+        direct = make_queue(self.flow.config.worker_creation_queue(worker.nodename))
         self.consumer = Consumer(
             self.channel,
             queues=[self.flow.creation_queue, direct],
@@ -86,18 +217,9 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         )
         self.paused = True
         self._maybe_resume()
-        config = self.flow.config
         self.timers = [
-            c.timer.call_repeatedly(config.admission_poll_interval, self._maybe_resume),
-            c.timer.call_repeatedly(config.heartbeat_interval, self._heartbeat),
+            c.timer.call_repeatedly(self.flow.config.admission_poll_interval, self._maybe_resume)
         ]
-        self.started = True
-        logger.info(
-            "sessionflow: %s admits up to %d sessions; session queue %s",
-            self.nodename,
-            self.cap,
-            self.queue,
-        )
 
     def stop(self, c: Any) -> None:
         for timer in self.timers:
@@ -112,52 +234,50 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
                 self.channel.close()
             self.channel = None
 
-    def shutdown(self, c: Any) -> None:
-        self.stop(c)
-        if not self.started:
-            return
-        self.flow.lifecycle.worker_stopping(self.nodename)
-
-    # -- admission ---------------------------------------------------------
+    shutdown = stop
 
     def on_request(self, body: Any, message: Message) -> None:
         session_id = body.get("session_id") if isinstance(body, dict) else None
-        if not isinstance(session_id, str):
-            logger.warning("sessionflow: dropping malformed creation request %r", body)
+        if not isinstance(session_id, str) or len(session_id) > 64:
+            logger.warning("sessionflow: dropping malformed creation request")
             message.ack()
             return
-        if self.flow.worker_closing:  # shutting down: leave it for another worker
-            message.requeue()
+        if not request_is_live(body):
+            message.ack()  # its client gave up: nothing to look up
+            return
+        if self.flow.worker_closing or not self.live.has_room():
+            message.requeue()  # leave it for another worker
             self._pause()
             return
         try:
-            outcome, open_count = self.flow.store.admit(
-                session_id, self.nodename, self.queue, self.cap
-            )
+            record = self.flow.store.admit(session_id, self.live.nodename, self.live.queue)
         except SessionFlowError:
             logger.exception("sessionflow: admission of %s failed; will retry", session_id)
             message.requeue()
             self._pause()
             return
-        if outcome == "full":
-            message.requeue()
-            self._pause()
+        if record is None:
+            message.ack()  # abandoned, admitted elsewhere, or addressed to another worker
             return
-        if outcome == "moved":
-            self._adopt(session_id)
+        self.live.open(record)
+        if body.get("move"):
+            self.worker.ticker.adopt(session_id)  # its parked tasks come in off the loop
         message.ack()
-        if outcome == "admitted":
-            logger.info("sessionflow: admitted session %s", session_id)
-        if open_count >= self.cap:
+        self._reply(body, record)
+        logger.info("sessionflow: admitted session %s", session_id)
+        if not self.live.has_room():
             self._pause()
 
-    def _adopt(self, session_id: str) -> None:
-        try:
-            moved = self.flow.lifecycle.adopt(session_id, self.queue)
-        except Exception:
-            logger.exception("sessionflow: could not take over the tasks of %s", session_id)
+    def _reply(self, body: dict[str, Any], record: Any) -> None:
+        reply = body.get("reply")
+        if not isinstance(reply, str) or not reply.startswith("sessionflow.created."):
             return
-        logger.warning("sessionflow: took over session %s with %d queued tasks", session_id, moved)
+        try:
+            self.flow.app.backend.store_result(
+                reply, {"session_id": record.id, "hostname": record.hostname}, "SUCCESS"
+            )
+        except Exception:  # the client falls back to the store when its wait ends
+            logger.exception("sessionflow: could not answer the creation of %s", record.id)
 
     def _pause(self) -> None:
         if not self.paused and self.consumer is not None:
@@ -169,29 +289,6 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
     def _maybe_resume(self) -> None:
         if not self.paused or self.consumer is None or self.flow.worker_closing:
             return
-        try:
-            below_cap = self.flow.store.count_open(self.nodename) < self.cap
-        except SessionFlowError:
-            logger.exception("sessionflow: cannot count open sessions")
-            return
-        if below_cap:
+        if self.live.has_room():
             self.consumer.consume()
             self.paused = False
-
-    # -- periodic ----------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        """Heartbeat, then end sessions whose time is up or whose worker is gone."""
-        lifecycle = self.flow.lifecycle
-        actions: tuple[Callable[[], None], ...] = (
-            lambda: self.flow.store.heartbeat(self.nodename),
-            lambda: lifecycle.expire(self.nodename),
-            lifecycle.sweep,
-        )
-        for action in actions:
-            try:
-                action()
-            except SessionFlowError as exc:
-                logger.warning("sessionflow: %s", exc)
-            except Exception:
-                logger.exception("sessionflow: periodic check failed")

@@ -1,22 +1,21 @@
-"""Gate every session task at the moment it starts, inside the pool process.
+"""Gate every session task at the moment it starts, in the process that runs it.
 
 Celery runs a task through ``task.__trace__``; wrapping it is the one place
 that sees each execution right before it begins, in prefork children as well
-as in solo and thread pools. A task whose session is no longer open does not
-run: it fails with SessionClosed/SessionFailed instead.
+as in solo and thread pools. The gate asks no store: it claims the start in the
+worker's live directory (see :mod:`.live`), which fails once the session ended.
+A task that may not start fails with SessionClosed/SessionFailed instead.
 
 The task body (``task.run``) is wrapped too, so middleware can act after the
 body returned but before Celery stores the result (and so before a chord body
-or a waiting caller can see it).
+or a waiting caller can see it). Tasks outside sessions pass straight through.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from billiard.einfo import ExceptionInfo
 from celery import states
@@ -24,41 +23,21 @@ from celery.app.task import Context
 from celery.app.trace import TraceInfo, build_tracer, trace_ok_t
 
 from ..canvas import SESSION_HEADER
-from ..errors import StoreError
+from ..errors import SessionFlowError, SessionTaskRefused, ended_error
+from ..middleware import Middleware
 from ..runtime import TaskRun, current_run, set_current_run
-from ..session import ended_error
-from ..store import TASK_FAILED, TASK_PENDING, TASK_SUCCEEDED
+from .live import claim
 
 if TYPE_CHECKING:
     from ..flow import SessionFlow
 
 logger = logging.getLogger("sessionflow.worker")
-T = TypeVar("T")
-STORE_PATIENCE = 30.0  # seconds a pool process waits for the store before failing a task
-
-_FINISHED = {
-    states.SUCCESS: TASK_SUCCEEDED,
-    states.RETRY: TASK_PENDING,  # it runs again with the same id
-    states.IGNORED: TASK_SUCCEEDED,
-    states.REJECTED: TASK_FAILED,
-}
-
-
-class Middleware:
-    """Hooks around session task executions; subclasses override what they need."""
-
-    def before_body(self, run: TaskRun) -> None:
-        """The session is open and the body is about to run."""
-
-    def after_body(self, run: TaskRun, retval: Any) -> None:
-        """The body returned ``retval``; its result is not stored yet."""
-
-    def after_task(self, run: TaskRun, state: str) -> None:
-        """The execution ended in Celery ``state`` and its result is stored."""
+#: Set on the error of a task the gate did not let start (the main process reads it).
+REFUSED = "_sessionflow_refused"
 
 
 class SessionTracer:
-    """Wraps a task's tracer: checks its session at start, records its end."""
+    """Wraps a task's tracer: claims its start in its session, runs the middleware."""
 
     def __init__(self, flow: SessionFlow, task: Any, inner: Any) -> None:
         self.flow = flow
@@ -69,21 +48,19 @@ class SessionTracer:
         session_id = (request or {}).get(SESSION_HEADER)
         if not session_id:
             return self.inner(uuid, args, kwargs, request)
+        live_dir = self.flow.live_dir
+        if live_dir is None or not claim(live_dir, session_id, uuid):
+            return self._refuse(uuid, args, kwargs, request, session_id)
         worker = request.get("hostname") or ""
-        try:
-            queue = _retrying(
-                lambda: self.flow.store.task_started(session_id, uuid, self.task.name, worker)
-            )
-        except StoreError as exc:
-            return self._fail(uuid, args, kwargs, request, exc)
-        if queue is None:
-            row = self.flow.store.get_session(session_id)
-            error = ended_error(
-                session_id, row["status"] if row else None, row["reason"] if row else None
-            )
-            logger.info("not running %s[%s]: %s", self.task.name, uuid, error)
-            return self._fail(uuid, args, kwargs, request, error)
-        run = TaskRun(session_id, uuid, self.task.name, worker, request, queue)
+        run = TaskRun(
+            session_id,
+            uuid,
+            self.task.name,
+            worker,
+            request,
+            queue=self.flow.own_queue or "",
+            flow=self.flow,
+        )
         set_current_run(run)
         state = states.FAILURE
         try:
@@ -95,47 +72,36 @@ class SessionTracer:
             return result
         finally:
             set_current_run(None)
-            self._finish(run, state)
+            for middleware in self.flow.middleware:
+                try:
+                    middleware.after_task(run, state)
+                except Exception:
+                    logger.exception("sessionflow middleware %r failed after %s", middleware, uuid)
 
-    def _finish(self, run: TaskRun, state: str) -> None:
+    def _refuse(self, uuid: str, args: Any, kwargs: Any, request: Any, session_id: str) -> Any:
+        """Fail the task without running it: store why as its result."""
+        error: SessionFlowError
         try:
-            _retrying(
-                lambda: self.flow.store.task_finished(
-                    run.task_id, _FINISHED.get(state, TASK_FAILED)
-                )
+            found = self.flow.store.statuses([session_id]).get(session_id)
+        except SessionFlowError:
+            found = None
+        if found is not None and found[0].ended:
+            error = ended_error(session_id, found[0].value, found[1])
+        else:
+            error = SessionTaskRefused(
+                f"task {uuid} of session {session_id} reached a worker that does not hold "
+                "that session; it did not run",
+                session_id,
             )
-        except Exception:  # the result is stored already; do not turn success into failure
-            logger.exception("could not record the end of session task %s", run.task_id)
-        for middleware in self.flow.middleware:
-            try:
-                middleware.after_task(run, state)
-            except Exception:
-                logger.exception(
-                    "sessionflow middleware %r failed after %s", middleware, run.task_id
-                )
-
-    def _fail(self, uuid: str, args: Any, kwargs: Any, request: Any, error: Exception) -> Any:
-        """Fail the task without running it: store ``error`` as its result."""
+        setattr(error, REFUSED, True)
+        logger.info("not running %s[%s]: %s", self.task.name, uuid, error)
         context = Context(request, args=args, kwargs=kwargs, called_directly=False)
-        self.task.backend.store_result(uuid, error, states.FAILURE, request=context)
+        self.task.backend.mark_as_failure(uuid, error, request=context)
         try:
             raise error
         except type(error):
             einfo = ExceptionInfo()
         return trace_ok_t(einfo, TraceInfo(states.FAILURE, error), 0.0, None)
-
-
-def _retrying(call: Callable[[], T], patience: float = STORE_PATIENCE) -> T:
-    """Run a store call, retrying through a short database outage (a restart)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return call()
-        except StoreError as exc:
-            if time.monotonic() >= deadline:
-                raise
-            logger.warning("sessionflow: store unavailable, retrying: %s", exc)
-            time.sleep(0.5)
 
 
 class SessionBody:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import signal
 import socket
@@ -19,6 +20,9 @@ REDIS_URL = "redis://127.0.0.1:6379"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 PG_ADMIN_URL = "postgresql://127.0.0.1:5432/test"
 HOSTNAME = socket.gethostname()
+# Secrets every stack uses; no log, repr, error or CLI output may ever show them.
+SECRET_KEY = "integration-test-secret-0123456789abcdef"
+DB_PASSWORD = "pw-never-shown-7f3a"  # PostgreSQL here trusts local users: it is not checked
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class Stack:
         env = {
             "SF_QUEUE_PREFIX": f"sftest-{run}",
             "SF_DATA_DIR": str(data),
-            "SF_SECRET_KEY": "integration-test-secret",
+            "SF_SECRET_KEY": SECRET_KEY,
         }
         if self.spec.broker == "filesystem":
             folder = self.root / "broker"
@@ -145,7 +149,10 @@ class Stack:
         else:
             self._pg_db = f"sftest_{run}"
             _pg_admin(f"CREATE DATABASE {self._pg_db}")
-            env["SF_DATABASE_URL"] = f"postgresql+psycopg://127.0.0.1:5432/{self._pg_db}"
+            user = getpass.getuser()
+            env["SF_DATABASE_URL"] = (
+                f"postgresql+psycopg://{user}:{DB_PASSWORD}@127.0.0.1:5432/{self._pg_db}"
+            )
         self.env = env
         from sfapp import create_app
 
@@ -177,7 +184,26 @@ class Stack:
         old = self.workers.get(name)
         if old is not None and old.alive():
             raise RuntimeError(f"worker {name} is already running")
-        log_path = self.root / f"worker-{name}.log"
+        worker = self.spawn_worker(
+            name, max_sessions=max_sessions, concurrency=concurrency, extra=extra
+        )
+        self.workers[name] = worker
+        if wait:
+            self.wait_ready(worker)
+        return worker
+
+    def spawn_worker(
+        self,
+        name: str,
+        *,
+        max_sessions: int = 2,
+        concurrency: int = 2,
+        extra: tuple[str, ...] = (),
+        log_name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """Start ``celery worker -n NAME@%h`` without registering it (for misuse tests)."""
+        log_path = self.root / f"worker-{log_name or name}.log"
         cmd = [
             sys.executable,
             "-m",
@@ -204,16 +230,12 @@ class Stack:
             popen = subprocess.Popen(
                 cmd,
                 cwd=self.root,
-                env=self.worker_env(),
+                env={**self.worker_env(), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        worker = WorkerProcess(name, f"{name}@{HOSTNAME}", popen, log_path)
-        self.workers[name] = worker
-        if wait:
-            self.wait_ready(worker)
-        return worker
+        return WorkerProcess(name, f"{name}@{HOSTNAME}", popen, log_path)
 
     def wait_ready(self, worker: WorkerProcess, timeout: float = 90) -> None:
         started = time.time()
@@ -270,6 +292,14 @@ class Stack:
         for session in self.flow.list_sessions(state="open"):
             session.complete()
 
+    def leaked_secrets(self) -> list[str]:
+        """Files of this stack (worker logs) that show the secret key or the password."""
+        found = []
+        for path in sorted(self.root.glob("*.log")):
+            text = path.read_text(errors="replace")
+            found += [f"{path.name}: {name}" for name, secret in SECRETS.items() if secret in text]
+        return found
+
     def teardown(self) -> None:
         for worker in self.workers.values():
             worker.stop()
@@ -293,6 +323,9 @@ class Stack:
                     channel.queue_delete(name)
                 except Exception:
                     channel = conn.channel()
+
+
+SECRETS = {"sessionflow_secret_key": SECRET_KEY, "database password": DB_PASSWORD}
 
 
 def _pg_admin(sql: str) -> None:

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, chain
 
-from sessionflow import SessionFlow, current_session, fsbroker
+from sessionflow import SessionFlow, current_session, detached, fsbroker
 
 
 def create_app(env: Mapping[str, str]) -> Celery:
@@ -33,6 +33,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
     )
     if env.get("SF_BROKER_FOLDER"):  # the embedded stack: atomic message files
         app.conf.update(broker_url="filesystem://localhost/", broker_transport=fsbroker.Transport)
+    if env.get("SF_FLUSH_INTERVAL"):
+        app.conf.sessionflow_flush_interval = float(env["SF_FLUSH_INTERVAL"])
     if env.get("SF_SECRET_KEY"):
         app.conf.sessionflow_secret_key = env["SF_SECRET_KEY"]
     data_dir = Path(env.get("SF_DATA_DIR", "."))
@@ -85,6 +87,21 @@ def _define_tasks(app: Celery, data_dir: Path) -> None:
         session = current_session()
         assert session is not None, "spawn must run in a session"
         return str(session.apply_async(where, args=(arg,)).id)
+
+    @app.task(name="sfapp.spawn_plain", shared=False)
+    def spawn_plain(arg: Any, how: str = "delay") -> list[str]:
+        """Send child tasks the plain Celery way from inside a session task."""
+        if how == "delay":
+            return [where.delay(arg).id]
+        if how == "send_task":
+            return [app.send_task("sfapp.where", args=(arg,)).id]
+        if how == "chain":
+            result = chain(where.s(arg), where.s()).delay()
+            return [result.parent.id, result.id]
+        if how == "detached":
+            with detached():
+                return [where.delay(arg).id]
+        raise ValueError(how)
 
     @app.task(name="sfapp.nested_create", shared=False)
     def nested_create() -> str:

@@ -51,7 +51,7 @@ def busy_session(stack: Stack, flow: SessionFlow, prefix: str, **options: Any) -
     s = flow.create_session(creation_timeout=30, execution_timeout=600, **options)
     running = [s.apply_async(sleep, args=(60,)) for _ in range(2)]
     wait_until(
-        lambda: _states(flow, [r.id for r in running]) == {"started"}, 20, "both sleeps to start"
+        lambda: _states(flow, s, [r.id for r in running]) == {"started"}, 20, "both sleeps to start"
     )
     queued = [s.apply_async(touch, args=(f"{prefix}-{i}",)) for i in range(8)]
     time.sleep(0.5)  # let the worker prefetch some of them
@@ -73,17 +73,9 @@ def settle(stack: Stack, queued: list[Any]) -> list[str]:
 REDELIVERS = {"redis": True, "amqp": True, "filesystem": False}
 
 
-def _states(flow: SessionFlow, task_ids: list[str]) -> set[str]:
-    return {state for task_id, state in _all_states(flow).items() if task_id in task_ids}
-
-
-def _all_states(flow: SessionFlow) -> dict[str, str]:
-    from sqlalchemy import select
-
-    from sessionflow.models import session_tasks
-
-    with flow.store._read() as conn:
-        return dict(conn.execute(select(session_tasks.c.task_id, session_tasks.c.state)).all())
+def _states(flow: SessionFlow, session: Any, task_ids: list[str]) -> set[str]:
+    """Statuses the store gives these tasks of ``session``."""
+    return {t.status.value for t in flow.store.tasks(session.id) if t.task_id in task_ids}
 
 
 def test_sigkill_fails_session_and_resolves_every_task(stack: Stack, flow: SessionFlow) -> None:
@@ -120,7 +112,7 @@ def test_sigterm_lets_running_tasks_finish_and_fails_session(
     sleep, touch = task(stack, "sleep"), task(stack, "touch")
     s = flow.create_session(creation_timeout=30, execution_timeout=600)
     running = [s.apply_async(sleep, args=(3,)) for _ in range(2)]
-    wait_until(lambda: _states(flow, [r.id for r in running]) == {"started"}, 20, "sleeps")
+    wait_until(lambda: _states(flow, s, [r.id for r in running]) == {"started"}, 20, "sleeps")
     queued = [s.apply_async(touch, args=(f"term-{i}",)) for i in range(4)]
     victim = stack.worker_of(s)
     victim.signal(15)
@@ -296,3 +288,32 @@ def test_soft_affinity_moves_session_with_its_queued_tasks(stack: Stack, flow: S
     assert written_by == {survivor.nodename}
     after = s.apply_async(task(stack, "where"), args=(1,)).get(timeout=GET)
     assert after["hostname"] == survivor.nodename and after["session"] == s.id
+
+
+def test_sigkill_between_a_task_end_and_the_flush(stack: Stack, flow: SessionFlow) -> None:
+    """The window group commit opens, named in the README: a worker killed after a task
+    ended but before its writer flushed. The caller still gets the task's own result (it
+    is in the result backend and never overwritten); the run is missing from the history;
+    the session itself fails as for any killed worker (``list_sessions`` is exact)."""
+    where = task(stack, "where")
+    for name in ("w1", "w2"):
+        stack.workers[name].kill()  # restarted by the flow fixture afterwards
+    slow = stack.spawn_worker("w3", log_name="w3-slow-flush", env={"SF_FLUSH_INTERVAL": "60"})
+    stack.workers["w3"] = slow
+    stack.wait_ready(slow)
+    try:
+        s = flow.create_session(
+            creation_timeout=30, execution_timeout=600, heartbeat_timeout=HEARTBEAT_TIMEOUT
+        )
+        assert s.info.hostname == slow.nodename
+        done = s.apply_async(where, args=("before the kill",))
+        assert done.get(timeout=GET)["session"] == s.id
+        slow.kill()  # within the minute the writer waits before its next flush
+        wait_state(s, SessionState.FAILED, HEARTBEAT_TIMEOUT + 10)
+        assert s.info.reason == "worker_lost"
+        assert done.get(timeout=GET)["args"] == ["before the kill"]  # never SessionFailed
+        assert s.history() == []  # the run had not been written
+        assert s in flow.list_sessions(state="failed")
+    finally:
+        slow.kill()
+        del stack.workers["w3"]

@@ -10,11 +10,10 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from harness import Stack, restart_broker, start_postgres, stop_postgres, wait_until
 from sessionflow import SessionFlow, SessionState, StoreError
-from sessionflow.models import session_tasks, sessions
+from sessionflow.enums import SessionStatus, TaskStatus
 
 pytestmark = pytest.mark.integration
 GET = 30
@@ -89,17 +88,13 @@ def _works(session: Any, where: Any) -> bool:
 
 
 def _assert_consistent(flow: SessionFlow) -> None:
-    """No session or task row is left half-updated."""
-    with flow.store._read() as conn:
-        rows = conn.execute(select(sessions)).mappings().all()
-        tasks = conn.execute(select(session_tasks)).mappings().all()
-    by_id = {r["id"]: r for r in rows}
-    for row in rows:
-        if row["status"] == "open":
-            assert row["hostname"] and row["queue"] and row["closed_at"] is None, dict(row)
-        elif row["status"] in ("closed", "failed"):
-            assert row["closed_at"] is not None and row["reason"], dict(row)
-    for t in tasks:
-        session = by_id[t["session_id"]]
-        if session["status"] in ("closed", "failed"):
-            assert t["state"] != "pending", (dict(t), session["status"])
+    """No session or task is left half-updated: every ended session gets settled."""
+    store = flow.store
+    wait_until(lambda: not store.unsettled(), 30, "every ended session to be settled")
+    for record in store.list_sessions():
+        if record.status is SessionStatus.OPEN:
+            assert record.hostname and record.queue and record.closed_at is None, record
+        elif record.status.ended:
+            assert record.closed_at is not None and record.reason, record
+            pending = [t for t in store.tasks(record.id) if t.status is TaskStatus.PENDING]
+            assert not pending, (record.id, pending)

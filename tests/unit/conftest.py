@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from harness import PG_ADMIN_URL, service_up
+from sessionflow.config import Config
+from sessionflow.store.sql import SQLStore
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_HOST = "127.0.0.1:5432"
@@ -44,4 +46,19 @@ def make_pg_url() -> Iterator[Callable[[], str]]:
 
     yield make
     for name in created:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    """One scratch PostgreSQL database for a test module, upgraded to the head revision."""
+    require_postgres()
+    name = f"sfunit_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f"CREATE DATABASE {name}")
+    _pg_admin(f"ALTER DATABASE {name} SET synchronous_commit = off")  # a scratch database
+    url = f"postgresql+psycopg://{PG_HOST}/{name}"
+    try:
+        SQLStore(Config(database_url=url)).upgrade()
+        yield url
+    finally:
         _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -15,15 +15,22 @@ from sessionflow import InvalidArgument
 from sessionflow.canvas import (
     QUEUE_HEADER,
     SESSION_HEADER,
+    SIG_HEADER,
     build_signature,
     leaves,
     nodes,
     route_session_task,
     stamp,
 )
+from sessionflow.tokens import sign_task, task_signed
 
 QUEUE = "sfunit.worker.w1_host-0123abcd"
 GET = 20
+KEY = b"k" * 32
+
+
+def signer(task_id: str) -> str:
+    return sign_task(KEY, "s-1", task_id)
 
 
 def make_app() -> Celery:
@@ -92,7 +99,7 @@ def test_build_from_canvas_keeps_type_and_leaves_original_alone(app: Celery, sha
     assert isinstance(sig, kind)
     assert sig is not original
     sig.freeze()
-    stamp(sig, "s-1", QUEUE)
+    stamp(sig, "s-1", QUEUE, signer)
     assert dict(original) == before  # the caller's canvas can be reused
 
 
@@ -132,17 +139,34 @@ def test_stamp_sets_headers_on_every_node_and_clears_routes(app: Celery) -> None
         chord([a.s(2), group(a.s(3), a.s(4))], a.s().set(routing_key="rk")),
     )
     sig.freeze()
-    stamp(sig, "s-1", QUEUE)
+    stamp(sig, "s-1", QUEUE, signer)
     all_nodes = list(nodes(sig))
     assert len(all_nodes) >= 8
+    task_ids = {leaf.id for leaf in leaves(sig)}
     for node in all_nodes:
+        for key in ("queue", "exchange", "routing_key", "exchange_type"):
+            assert node.options[key] is None
+        if node.id not in task_ids or isinstance(node, (_chain, _chord, group)):
+            # Celery merges a composite's headers over its members': it must have none.
+            assert "headers" not in node.options
+            continue
         headers = node.options["headers"]
         assert headers[SESSION_HEADER] == "s-1"
         assert headers[QUEUE_HEADER] == QUEUE
-        for key in ("queue", "exchange", "routing_key", "exchange_type"):
-            assert node.options[key] is None
+        assert headers[SIG_HEADER] == signer(node.id)
     first = sig.tasks[0]
     assert first.options["headers"]["mine"] == 1  # user headers kept
+
+
+def test_stamp_moves_a_groups_own_headers_to_its_members(app: Celery) -> None:
+    a = add(app)
+    sig = group(a.s(1), a.s(2)).set(headers={"tenant": "t1"})
+    sig.freeze()
+    stamp(sig, "s-1", QUEUE, signer)
+    assert "headers" not in sig.options
+    for member in sig.tasks:
+        assert member.options["headers"]["tenant"] == "t1"
+        assert member.options["headers"][SIG_HEADER] == signer(member.id)
 
 
 def test_router_ignores_non_session_messages() -> None:
@@ -162,7 +186,7 @@ def test_router_routes_session_messages() -> None:
 def test_app_router_overrides_task_class_queue(app: Celery) -> None:
     sig = app.tasks["t.elsewhere"].s(1)
     sig.freeze()
-    stamp(sig, "s-1", QUEUE)
+    stamp(sig, "s-1", QUEUE, signer)
     task = app.tasks["t.elsewhere"]
     options = dict(task._get_exec_options(), **sig.options)
     routed = app.amqp.router.route(options, task.name, (1,), {}, task_type=task)
@@ -179,10 +203,12 @@ class Published:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.messages: list[tuple[str, str, str]] = []
+        self.signed: list[bool] = []
 
     def __call__(self, sender: Any = None, headers: Any = None, **kw: Any) -> None:
         with self.lock:
             self.messages.append((headers["id"], kw.get("routing_key"), sender))
+            self.signed.append(task_signed(KEY, "s-1", headers["id"], headers.get(SIG_HEADER)))
 
     def take(self) -> list[tuple[str, str, str]]:
         with self.lock:
@@ -237,10 +263,13 @@ def test_leaves_are_exactly_the_published_tasks(
     sig.freeze()
     leaf_ids = [leaf.id for leaf in leaves(sig)]
     assert len(set(leaf_ids)) == len(leaf_ids)
-    stamp(sig, "s-1", QUEUE)
+    stamp(sig, "s-1", QUEUE, signer)
     published.take()
+    published.signed.clear()
     result = sig.apply_async()
     assert result.get(timeout=GET, interval=0.01) == expected
+    signed = list(published.signed)
     messages = published.take()
+    assert len(signed) == len(messages) and all(signed)  # every message proves its session
     assert sorted(leaf_ids) == sorted(task_id for task_id, _, _ in messages)
     assert {routing_key for _, routing_key, _ in messages} == {QUEUE}

@@ -83,8 +83,11 @@ def test_wrong_type_names_key_and_expectation(key: str, value: Any, hint: str) -
         load_config(conf(**{key: value}))
     message = str(info.value)
     assert f"sessionflow_{key}" in message
-    assert repr(value) in message
     assert hint in message
+    if key == "secret_key":  # a key never appears in an error, even a wrong one
+        assert repr(value) not in message and "<hidden>" in message
+    else:
+        assert repr(value) in message
 
 
 def _wrong_values(field: Field[Any]) -> list[Any]:
@@ -100,14 +103,16 @@ ALL_WRONG = [
     for field in fields(Config)
     for value in _wrong_values(field)
 ]
-NUMERIC = [f.name for f in fields(Config) if type(f.default) in (int, float)]
+NUMERIC = [
+    f.name for f in fields(Config) if type(f.default) in (int, float) and f.name != "retention"
+]
 FLOATS = [f.name for f in fields(Config) if type(f.default) is float]
 
 
 def test_every_field_is_a_setting() -> None:
     assert len(fields(Config)) >= 7
     for field in fields(Config):
-        value = "some-secret" if field.default is None else field.default
+        value = "s" * 32 if field.default is None else field.default
         assert getattr(load_config(conf(**{field.name: value})), field.name) == value
 
 
@@ -199,3 +204,45 @@ def test_worker_queue_property(a: str, b: str) -> None:
     assert qa == config.worker_queue(a)
     if a != b:
         assert qa != qb
+
+
+def test_retention_zero_and_none_allowed() -> None:
+    assert load_config(conf()).retention == 7 * 24 * 3600
+    assert load_config(conf(retention=0)).retention == 0
+    assert load_config(conf(retention=None)).retention is None
+    for bad in (-1, math.nan, math.inf):
+        with pytest.raises(ConfigurationError, match="sessionflow_retention"):
+            load_config(conf(retention=bad))
+
+
+def test_short_secret_key_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigurationError, match="shorter than 32 bytes") as info:
+        load_config(conf(secret_key="too-short-secret"))
+    assert "too-short-secret" not in str(info.value)
+    assert load_config(conf(secret_key="é" * 16)).secret_key == "é" * 16  # 32 bytes in UTF-8
+
+
+def test_repr_hides_secret_and_password() -> None:
+    config = load_config(
+        conf(database_url="postgresql+psycopg://alice:hunter2@db/x", secret_key="K" * 40)
+    )
+    shown = repr(config)
+    assert "hunter2" not in shown and "K" * 40 not in shown
+    assert "alice:***@db/x" in shown and "secret_key=<set>" in shown
+    assert config.masked_url == "postgresql+psycopg://alice:***@db/x"
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql+pymysql://root@127.0.0.1/test", "mariadb://u:pw@h/db", "mysql://h/db"]
+)
+def test_mysql_refused_with_the_reason(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="MySQL/MariaDB cannot serve") as info:
+        load_config(conf(database_url=url))
+    assert ":pw@" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["oracle://u:pw@h/db", "not a url", "mssql+pyodbc://h/db"])
+def test_unsupported_or_malformed_url_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(conf(database_url=url))
+    assert ":pw@" not in str(info.value)

@@ -13,11 +13,12 @@ from sqlalchemy import create_engine, func, inspect, select, table
 
 from sessionflow import InvalidArgument, InvalidRecreateToken, SessionFlow, SessionNotFound
 from sessionflow.canvas import QUEUE_HEADER, route_session_task
-from sessionflow.store import utcnow
+from sessionflow.options import check_reducers
+from sessionflow.records import NewSession, utcnow
 from sessionflow.tokens import make_token
 
 VALID = {"creation_timeout": 0.5, "execution_timeout": 60}
-SECRET = "flow-unit-test-secret"
+SECRET = "flow-unit-test-secret-0123456789abcdef"
 
 
 def make_app(tmp_path: Path, name: str = "flowtest") -> Celery:
@@ -40,7 +41,7 @@ def app(tmp_path: Path) -> Iterator[Celery]:
 @pytest.fixture
 def flow(app: Celery) -> SessionFlow:
     flow = SessionFlow(app)
-    flow.store.get_status("warm-up")  # creates the schema, so row counts are meaningful
+    flow.store.get_session("warm-up")  # creates the schema, so row counts are meaningful
     return flow
 
 
@@ -118,8 +119,8 @@ def test_create_session_rejects_before_writing(flow: SessionFlow, name: str, val
     [
         "garbage",
         None,
-        make_token("another-secret", "s-1", "w1@host"),
-        make_token(SECRET, "no-such-session", "w1@host"),
+        make_token(b"another-secret" * 3, "s-1", "w1@host"),
+        make_token(SECRET.encode(), "no-such-session", "w1@host"),
     ],
 )
 def test_recreate_session_rejects_bad_tokens(flow: SessionFlow, token: Any) -> None:
@@ -132,7 +133,7 @@ def test_recreate_session_rejects_bad_tokens(flow: SessionFlow, token: Any) -> N
 def test_recreate_session_rejects_options_before_writing(
     flow: SessionFlow, name: str, value: Any
 ) -> None:
-    token = make_token(SECRET, "no-such-session", "w1@host")
+    token = make_token(SECRET.encode(), "no-such-session", "w1@host")
     with pytest.raises(InvalidArgument) as info:
         flow.recreate_session(token, **{**VALID, name: value})
     assert not isinstance(info.value, InvalidRecreateToken)
@@ -169,7 +170,7 @@ def test_get_session_unknown_and_pending_not_found(flow: SessionFlow) -> None:
 
 def test_get_session_pending_is_not_found(flow: SessionFlow) -> None:
     flow.store.create_pending(
-        {"id": "p-1", "created_at": utcnow(), "creation_timeout": 5.0, "execution_timeout": 5.0}
+        NewSession(id="p-1", created_at=utcnow(), creation_timeout=5.0, execution_timeout=5.0)
     )
     with pytest.raises(SessionNotFound):
         flow.get_session("p-1")
@@ -189,9 +190,12 @@ def test_register_reducer_rejects(flow: SessionFlow, name: Any, function: Any) -
 
 def test_registered_reducer_is_accepted_in_options(flow: SessionFlow) -> None:
     with pytest.raises(InvalidArgument, match="unknown reducer"):
-        flow._check_reducers({"k": "longest"})
+        check_reducers({"k": "longest"}, flow.reducers)
     flow.register_reducer("longest", lambda a, b: max(a, b, key=len))
-    assert flow._check_reducers({"k": "longest", "n": "sum"}) == {"k": "longest", "n": "sum"}
+    assert check_reducers({"k": "longest", "n": "sum"}, flow.reducers) == {
+        "k": "longest",
+        "n": "sum",
+    }
 
 
 # -- SessionFlow(app) -----------------------------------------------------------

@@ -11,20 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, chain, chord, group, states
+from celery import Celery, chain, chord, group, signals, states
 
 from sessionflow import (
     InvalidArgument,
     Session,
+    SessionClosed,
     SessionFlow,
     SessionFlowError,
+    SessionNotFound,
     StateConflict,
     StateValueError,
 )
-from sessionflow.history import StateMiddleware
-from sessionflow.models import branch_groups, state_entries
+from sessionflow.branches import BranchMiddleware
+from sessionflow.canvas import BRANCH_HEADER
+from sessionflow.enums import SessionStatus
+from sessionflow.records import NewSession, Run, utcnow
 from sessionflow.runtime import TaskRun, set_current_run
-from sessionflow.store import utcnow
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -87,44 +90,73 @@ def make_flow(url: str | Path, **conf: Any) -> SessionFlow:
 
 
 def open_session(flow: SessionFlow, user_id: str | None = None, **options: Any) -> Session:
-    """A session row opened on a pretend worker (tasks go to the in-memory broker)."""
-    sid = str(uuid.uuid4())
-    values = {"merge_policy": "last_write_wins", **options}
-    flow.store.create_pending(
-        {
-            "id": sid,
-            "created_at": utcnow(),
-            "creation_timeout": 5.0,
-            "execution_timeout": 600.0,
-            "user_id": user_id,
-            **values,
-        }
+    """A session opened on a pretend worker (tasks go to the in-memory broker)."""
+    new = NewSession(
+        id=str(uuid.uuid4()),
+        created_at=utcnow(),
+        creation_timeout=5.0,
+        execution_timeout=600.0,
+        user_id=user_id,
+        **options,
     )
-    assert flow.store.admit(sid, f"w-{sid[:8]}@test", "q.test", 1000)[0] == "admitted"
-    return Session(flow, sid)
+    flow.store.create_pending(new)
+    assert flow.store.admit(new.id, f"w-{new.id[:8]}@test", "q.test") is not None
+    return Session(flow, new.id)
+
+
+#: Message headers of every task published in this process, by task id.
+PUBLISHED: dict[str, dict[str, Any]] = {}
+
+
+@signals.before_task_publish.connect
+def _remember_headers(headers: dict[str, Any] | None = None, body: Any = None, **_: Any) -> None:
+    if headers and "id" in headers:
+        PUBLISHED[headers["id"]] = dict(headers)
+    # Later chain steps travel inside the message; a worker publishes them later.
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            options = item.get("options")
+            if isinstance(options, dict) and options.get("task_id") and options.get("headers"):
+                PUBLISHED.setdefault(options["task_id"], dict(options["headers"]))
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def run_task(
     flow: SessionFlow, session: Session, task_id: str, body: Callable[[Any], Any] | None = None
 ) -> tuple[str, Any]:
-    """Run ``body(state)`` as the session task ``task_id`` through the state middleware."""
-    middleware = next(m for m in flow.middleware if isinstance(m, StateMiddleware))
-    run = TaskRun(session.id, task_id, "t.a", "w@test", {})
+    """Run ``body(state)`` as the session task ``task_id``, as a worker would.
+
+    The branch middleware runs around it in this process (as in a pool process),
+    and its run is recorded the way the worker's writer records it.
+    """
+    middleware = next(m for m in flow.middleware if isinstance(m, BranchMiddleware))
+    request = PUBLISHED.get(task_id, {})
+    run = TaskRun(session.id, task_id, "t.a", "w@test", request, queue="q.test", flow=flow)
+    started = utcnow()
     set_current_run(run)
-    state, outcome = states.SUCCESS, None
+    state, outcome, error = states.SUCCESS, None, None
     try:
         middleware.before_body(run)
         outcome = body(session.state) if body else None
         middleware.after_body(run, outcome)
     except Exception as exc:
-        state, outcome = states.FAILURE, exc
-        from sessionflow.history import _note_error
-
-        _note_error(task_id, exc)
+        state, outcome, error = states.FAILURE, exc, f"{type(exc).__name__}: {exc}"
     finally:
         set_current_run(None)
     middleware.after_task(run, state)
+    flow.store.record_runs(
+        [Run(task_id, 0, session.id, "t.a", state, "w@test", started, utcnow(), error)]
+    )
     return state, outcome
+
+
+def group_of(task_id: str) -> str:
+    """The branch group a dispatched task belongs to."""
+    return str(PUBLISHED[task_id][BRANCH_HEADER][0])
 
 
 @pytest.fixture(scope="module", params=STORES)
@@ -304,9 +336,7 @@ def test_delete_is_compare_and_set_and_versions_are_integers(flow: SessionFlow, 
     theirs["k"] = "again"  # a re-created key never reuses an old version
     with pytest.raises(StateConflict):
         mine.delete("k")
-    with flow.store._read() as conn:
-        rows = conn.execute(state_entries.select().where(state_entries.c.scope_id == s.id))
-        versions = [r.version for r in rows]
+    versions = [version for _, version in flow.store.state_scope("session", s.id).values()]
     assert versions == [3] and all(type(v) is int for v in versions)
     missing = mine.get("other")
     assert missing is None
@@ -356,8 +386,11 @@ def test_scopes(flow: SessionFlow) -> None:
         assert anon.state.keys() == ["app:motd"]
         a2.state.clear()
         assert a1.state["user:pref"] == "dark" and a1.state["k"] == "a1"
-        with flow.store._read() as conn:
-            stored = {r.key for r in conn.execute(state_entries.select())}
+        stored = {
+            key
+            for scope, scope_id in (("session", a1.id), ("session", a2.id), ("user", "alice"))
+            for key in flow.store.state_scope(scope, scope_id)
+        }
         assert not any(k.startswith("temp:") for k in stored)
     finally:
         flow.get_session(anon.id).state.delete("app:motd")  # app: keys are shared
@@ -503,9 +536,7 @@ def test_merge_raise_reports_every_conflicting_key(flow: SessionFlow) -> None:
     assert state == states.FAILURE and isinstance(error, StateConflict)
     assert error.keys == ["a", "b"]
     assert s.state.to_dict() == {"a": 0, "b": 0}  # nothing merged
-    with flow.store._read() as conn:
-        query = branch_groups.select().where(branch_groups.c.session_id == s.id)
-        assert conn.execute(query).mappings().one()["status"] == "conflict"
+    assert flow.store.branch_view(group_of(ids[0]), 0, 0) is None  # conflicted: closed
 
 
 def test_merge_raise_accepts_disjoint_and_atomic_writes(flow: SessionFlow) -> None:
@@ -621,3 +652,31 @@ def test_history_is_per_session(flow: SessionFlow, s: Session) -> None:
     run_task(flow, other, "theirs", None)
     assert [r.task_id for r in s.history()] == ["mine"]
     assert [r.task_id for r in other.history()] == ["theirs"]
+
+
+def test_writes_to_an_ended_or_unknown_session_are_refused(flow: SessionFlow, s: Session) -> None:
+    s.state.update({"kept": 1, "user:pref": "x"})
+    assert flow.store.end_session(s.id, SessionStatus.CLOSED, "completed")
+    before = dict(flow.store.state_scope("session", s.id))
+    state = flow.get_session(s.id).state
+    for write in (
+        lambda: state.set("k", 2),
+        lambda: state.update({"k": 2}),
+        lambda: state.increment("n"),
+        lambda: state.append("log", 1),
+        lambda: state.delete("kept"),
+        lambda: state.set("user:pref", "y"),
+        lambda: state.set("app:global", 1),
+        state.clear,
+    ):
+        with pytest.raises(SessionClosed):
+            write()
+    assert flow.store.state_scope("session", s.id) == before
+    assert state["kept"] == 1 and state["user:pref"] == "x"  # reading stays possible
+    ghost = Session(flow, "no-such-session").state
+    with pytest.raises(SessionNotFound):
+        ghost.set("k", 1)
+    with pytest.raises(SessionNotFound):
+        ghost.increment("app:n")
+    assert flow.store.state_scope("session", "no-such-session") == {}
+    assert "app:n" not in flow.store.state_scope("app", "")

@@ -1,7 +1,8 @@
 """SQLAlchemy 2.0 models of the session store.
 
 The schema is created and changed only by the Alembic migrations in
-``migrations/``; these classes describe it for queries.
+``migrations/``; these classes describe it for queries. A test compares them
+with what the migrations build.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -56,6 +58,7 @@ class Worker(Base):
     __tablename__ = "sf_workers"
 
     nodename: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str | None] = mapped_column(String(255))
     queue: Mapped[str] = mapped_column(String(300))
     pid: Mapped[int] = mapped_column(Integer)
     max_sessions: Mapped[int] = mapped_column(Integer)
@@ -68,6 +71,10 @@ class SessionRow(Base):
     """A session: pending until a worker admits it, then open, then closed or failed."""
 
     __tablename__ = "sf_sessions"
+    __table_args__ = (
+        Index("ix_sf_sessions_hostname_status", "hostname", "status"),
+        Index("ix_sf_sessions_closed_at", "closed_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -96,10 +103,15 @@ class SessionRow(Base):
     target_worker: Mapped[str | None] = mapped_column(String(255))
     merge_policy: Mapped[str] = mapped_column(String(32), default="last_write_wins")
     reducers: Mapped[dict[str, Any] | None]
+    settled_at: Mapped[datetime | None]
 
 
 class SessionTask(Base):
-    """A task dispatched through a session, from dispatch until it finishes."""
+    """A task registered when it was sent through a session.
+
+    ``state`` is ``pending`` until the session's end settles it (``cancelled``,
+    ``lost``); what it did in between is in its runs.
+    """
 
     __tablename__ = "sf_session_tasks"
 
@@ -155,40 +167,74 @@ class BranchGroup(Base):
 
 
 class BranchMember(Base):
-    """One task of a branch; ``ops`` is its ordered state operations once it finished."""
+    """One finished (or failed) step of a branch; ``ops`` are its ordered state operations."""
 
     __tablename__ = "sf_branch_members"
 
-    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     group_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("sf_branch_groups.id", ondelete="CASCADE"), index=True
+        String(64), ForeignKey("sf_branch_groups.id", ondelete="CASCADE"), primary_key=True
     )
-    member: Mapped[int] = mapped_column(Integer)
-    seq: Mapped[int] = mapped_column(Integer)
+    member: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     ops: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
 class Run(Base):
-    """One execution of a session task (retries and failures included)."""
+    """One execution of a session task (retries and failures included).
+
+    Written by the worker's writer: at its start (``finished_at`` empty) when it
+    runs longer than a flush, and at its end.
+    """
 
     __tablename__ = "sf_runs"
-    __table_args__ = (Index("ix_sf_runs_session_started", "session_id", "started_at", "id"),)
+    __table_args__ = (
+        Index("ix_sf_runs_session_started", "session_id", "started_at", "id"),
+        Index("ix_sf_runs_task_attempt", "session_id", "task_id", "attempt", unique=True),
+        Index(
+            "ix_sf_runs_unfinished",
+            "worker",
+            sqlite_where=text("finished_at IS NULL"),
+            postgresql_where=text("finished_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     session_id: Mapped[str] = mapped_column(
         String(64), ForeignKey("sf_sessions.id", ondelete="CASCADE")
     )
     task_id: Mapped[str] = mapped_column(String(255))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
     name: Mapped[str | None] = mapped_column(String(255))
     state: Mapped[str] = mapped_column(String(16))
     worker: Mapped[str | None] = mapped_column(String(255))
     started_at: Mapped[datetime]
-    finished_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """A cluster-wide role one process holds at a time (the sweeper), until ``expires_at``."""
+
+    __tablename__ = "sf_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime]
+
+
+class Meta(Base):
+    """Values the store keeps for every process (the generated signing key)."""
+
+    __tablename__ = "sf_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 state_entries = cast(Table, StateEntry.__table__)
 branch_groups = cast(Table, BranchGroup.__table__)
 branch_members = cast(Table, BranchMember.__table__)
 runs = cast(Table, Run.__table__)
+leases = cast(Table, Lease.__table__)
+meta = cast(Table, Meta.__table__)

@@ -1,0 +1,239 @@
+"""The worker's live view of its own sessions: the authority while it runs.
+
+The worker main process admitted these sessions, so it knows which are open,
+what arrived and what runs, without asking the store. Pool processes learn
+whether a session is still open from the *live directory*: one folder per open
+session. A task claims its start by creating a file in its session's folder;
+ending a session renames the folder first. Both are atomic, so a task either
+started before the end (its file is in the renamed folder, and it finishes) or
+does not start at all (its result is SessionClosed/SessionFailed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hashlib import sha1
+from typing import Any
+
+from ..config import safe_name
+from ..records import Ended, SessionRecord
+from ..results import Resolver
+from ..store import SessionStore
+
+logger = logging.getLogger("sessionflow.worker")
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}$")
+RECENT = 10_000  # ended sessions remembered, to refuse their late messages without a lookup
+
+
+def file_name(task_id: str) -> str:
+    """The claim file of a task: its id when that is a safe file name, else a digest."""
+    if _SAFE_FILE.match(task_id):
+        return task_id
+    return "h-" + sha1(task_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def claim(live_dir: str, session_id: str, task_id: str) -> bool:
+    """In any process of the worker: start ``task_id`` if its session is open here."""
+    if not _SAFE_FILE.match(session_id):
+        return False
+    try:
+        os.close(
+            os.open(
+                os.path.join(live_dir, session_id, file_name(task_id)),
+                os.O_CREAT | os.O_WRONLY,
+                0o600,
+            )
+        )
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def make_live_dir(nodename: str) -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = tempfile.mkdtemp(prefix=f"sessionflow-{safe_name(nodename)}-{os.getpid()}-", dir=base)
+    return path
+
+
+@dataclass
+class Live:
+    """One session this worker holds."""
+
+    record: SessionRecord
+    opened: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    queued: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)
+    tasks: int = 0  # tasks that arrived here
+
+
+class LiveSessions:
+    """The open sessions of this worker process (main process only)."""
+
+    def __init__(
+        self,
+        nodename: str,
+        queue: str,
+        cap: int,
+        store: SessionStore,
+        resolver: Resolver,
+        flush: Callable[[], None],
+    ) -> None:
+        self.nodename = nodename
+        self.queue = queue
+        self.cap = cap
+        self.store = store
+        self.resolver = resolver
+        self.flush = flush
+        self.dir = make_live_dir(nodename)
+        self.pid = os.getpid()
+        self.on_end: list[Callable[[Live, Ended | None, str, str], None]] = []
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Live] = {}
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def in_this_process(self) -> bool:
+        return os.getpid() == self.pid
+
+    # -- reading ----------------------------------------------------------------------
+
+    def count(self) -> int:
+        return len(self._sessions)
+
+    def has_room(self) -> bool:
+        return len(self._sessions) < self.cap
+
+    def get(self, session_id: str) -> Live | None:
+        return self._sessions.get(session_id)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def snapshot(self) -> list[Live]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def ended(self, session_id: str) -> tuple[str, str] | None:
+        """(status, reason) of a session that ended while this process held it."""
+        return self._ended.get(session_id)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def open(self, record: SessionRecord) -> None:
+        os.makedirs(os.path.join(self.dir, record.id), exist_ok=True)
+        with self._lock:
+            self._sessions[record.id] = Live(record)
+
+    def arrived(self, session_id: str, task_id: str) -> bool:
+        with self._lock:
+            live = self._sessions.get(session_id)
+            if live is None:
+                return False
+            live.queued.add(task_id)
+            live.tasks += 1
+            live.last_activity = time.monotonic()
+            return True
+
+    def started(self, session_id: str, task_id: str) -> None:
+        with self._lock:
+            live = self._sessions.get(session_id)
+            if live is not None:
+                live.queued.discard(task_id)
+                live.running.add(task_id)
+
+    def finished(self, session_id: str, task_id: str) -> None:
+        with self._lock:
+            live = self._sessions.get(session_id)
+            if live is not None:
+                live.queued.discard(task_id)
+                live.running.discard(task_id)
+                live.last_activity = time.monotonic()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.dir, session_id, file_name(task_id)))
+
+    def end(self, session_id: str) -> Ended | None:
+        """The session ended in the store: let no task of it start, and settle the rest.
+
+        Tasks already started here finish; every other registered task gets its
+        SessionClosed / SessionFailed result. Returns what was settled (None if this
+        worker did not hold the session or someone settled it already).
+        """
+        with self._lock:
+            live = self._sessions.pop(session_id, None)
+            if live is None:
+                return None
+            started = self._close_dir(session_id)
+            running = set(live.running) | {
+                tid for tid in live.queued | live.running if file_name(tid) in started
+            }
+        self.flush()  # the store must know every end this process has seen
+        ended = self.store.settle(session_id, running=running)
+        status, reason = self._record_end(session_id, ended)
+        if ended is not None:
+            self.resolver.resolve(ended)
+        for hook in self.on_end:
+            try:
+                hook(live, ended, status, reason)
+            except Exception:
+                logger.exception("sessionflow: end hook failed for %s", session_id)
+        return ended
+
+    def _record_end(self, session_id: str, ended: Ended | None) -> tuple[str, str]:
+        if ended is not None:
+            status, reason = ended.status.value, ended.reason
+        else:
+            found = self.store.statuses([session_id]).get(session_id)
+            status, reason = (found[0].value, found[1] or "") if found else ("closed", "")
+        with self._lock:
+            self._ended[session_id] = (status, reason)
+            while len(self._ended) > RECENT:
+                self._ended.popitem(last=False)
+        return status, reason
+
+    def _close_dir(self, session_id: str) -> set[str]:
+        """Atomically stop new starts; returns the claim files of tasks that started."""
+        folder = os.path.join(self.dir, session_id)
+        closed = os.path.join(self.dir, f".ended-{session_id}-{time.monotonic_ns()}")
+        try:
+            os.rename(folder, closed)
+        except FileNotFoundError:
+            return set()
+        try:
+            return set(os.listdir(closed))
+        finally:
+            shutil.rmtree(closed, ignore_errors=True)
+
+    def remove_dir(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        """This worker's view, for ``celery inspect sessions``."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                "cap": self.cap,
+                "open": len(self._sessions),
+                "sessions": {
+                    sid: {
+                        "age": round(now - live.opened, 3),
+                        "idle": round(now - live.last_activity, 3),
+                        "tasks": live.tasks,
+                        "queued": len(live.queued),
+                        "running": len(live.running),
+                        "user_id": live.record.user_id,
+                        "agent_id": live.record.agent_id,
+                    }
+                    for sid, live in self._sessions.items()
+                },
+            }

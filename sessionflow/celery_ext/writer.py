@@ -1,0 +1,125 @@
+"""Group commit of task runs: one writer thread per worker, one statement per flush.
+
+The worker main process sees every start and end of its pool's tasks (Celery's
+pool callbacks); they are buffered here and written together every
+``sessionflow_flush_interval`` seconds (default 0.02) or ``MAX_ROWS`` rows, as
+River's completer, Hatchet's buffers and Graphile Worker's batches do. A start
+is written only if the task is still running ``START_DELAY`` after it began, so a
+short task costs one row.
+
+What a SIGKILL between a task's end and the next flush (at most
+the flush interval plus one write) loses: its run in the history (or the end of
+it: the run then shows as ``LOST``). Its result is in the result backend
+already and is never overwritten, so callers see it; the session's status and
+``list_sessions`` are written synchronously and lose nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from ..records import Run
+from ..store import SessionStore
+
+logger = logging.getLogger("sessionflow.worker")
+MAX_ROWS = 500
+START_DELAY = 0.02  # seconds a run must last before its start is written on its own
+BACKLOG = 100_000  # rows kept while the store is unreachable; older ones are dropped
+
+
+class Writer:
+    """Buffers runs and writes them in batches from its own thread."""
+
+    def __init__(self, store: SessionStore, interval: float = 0.02) -> None:
+        self.store = store
+        self.interval = interval
+        self.dropped = 0  # rows lost to a store outage longer than the backlog (logged)
+        self.flushes = 0
+        self._lock = threading.Condition()
+        self._ends: deque[Run] = deque()
+        self._starts: dict[tuple[str, int], tuple[float, Run]] = {}
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- feeding (event loop, pool callbacks) -------------------------------------------
+
+    def started(self, run: Run) -> None:
+        with self._lock:
+            self._starts[(run.task_id, run.attempt)] = (time.monotonic(), run)
+
+    def finished(self, run: Run) -> None:
+        with self._lock:
+            self._starts.pop((run.task_id, run.attempt), None)
+            self._ends.append(run)
+            if len(self._ends) > BACKLOG:
+                self._ends.popleft()
+                self.dropped += 1
+            if len(self._ends) >= MAX_ROWS:
+                self._lock.notify()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="sessionflow-writer", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        failing_since: float | None = None
+        while not self._stop.is_set():
+            with self._lock:
+                self._lock.wait(self.interval)
+            try:
+                self.flush(include_young=False)
+                failing_since = None
+            except Exception as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.warning("sessionflow: cannot write task runs yet: %s", exc)
+                time.sleep(0.5)
+
+    def flush(self, include_young: bool = True) -> None:
+        """Write everything buffered now (``include_young``: also starts of tasks that
+        began just now). Raises StoreError and keeps the rows when the store fails."""
+        with self._flush_lock:
+            with self._lock:
+                batch = list(self._ends)[: MAX_ROWS * 4]
+                now = time.monotonic()
+                starts = [
+                    run
+                    for since, run in self._starts.values()
+                    if include_young or now - since >= START_DELAY
+                ]
+            rows = batch + starts
+            if not rows:
+                return
+            for first in range(0, len(rows), MAX_ROWS):
+                self.store.record_runs(rows[first : first + MAX_ROWS])
+            with self._lock:
+                for _ in range(len(batch)):
+                    self._ends.popleft()
+                for run in starts:  # written; its end will update the same row
+                    key = (run.task_id, run.attempt)
+                    entry = self._starts.get(key)
+                    if entry is not None and entry[1] is run:
+                        del self._starts[key]
+            self.flushes += 1
+
+    def stop(self) -> None:
+        """Flush what is left and stop the thread."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        try:
+            self.flush()
+        except Exception as exc:
+            logger.error("sessionflow: %d task run(s) were not written: %s", len(self._ends), exc)

@@ -1,0 +1,184 @@
+"""What the store takes and gives back: frozen dataclasses, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .enums import Reason, SessionStatus, TaskStatus, WorkerStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session to create as pending: its id and validated options."""
+
+    id: str
+    created_at: datetime
+    creation_timeout: float
+    execution_timeout: float
+    heartbeat_timeout: float = 10.0
+    user_id: str | None = None
+    agent_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    ttl: float | None = None
+    idle_timeout: float | None = None
+    max_turns: int | None = None
+    survive_restart: bool = False
+    affinity: str = "hard"
+    merge_policy: str = "last_write_wins"
+    reducers: dict[str, str] | None = None
+    target_worker: str | None = None
+    recreated_from: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session as the store knows it."""
+
+    id: str
+    status: SessionStatus
+    reason: str | None
+    hostname: str | None
+    queue: str | None
+    user_id: str | None
+    agent_id: str | None
+    metadata: dict[str, Any] | None
+    creation_timeout: float
+    execution_timeout: float
+    heartbeat_timeout: float
+    ttl: float | None
+    idle_timeout: float | None
+    max_turns: int | None
+    turns: int
+    survive_restart: bool
+    affinity: str
+    merge_policy: str
+    reducers: dict[str, str] | None
+    created_at: datetime
+    opened_at: datetime | None
+    deadline_at: datetime | None
+    expires_at: datetime | None
+    closed_at: datetime | None
+    recreated_from: str | None
+    target_worker: str | None
+    settled: bool
+    last_heartbeat_at: datetime | None = None  # of its worker, when asked for
+
+    @property
+    def moving(self) -> bool:
+        """Pending because it is changing workers (soft affinity), not new."""
+        return self.status is SessionStatus.PENDING and self.reason == Reason.MOVING
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A ``celery worker`` process that runs sessions, by node name."""
+
+    nodename: str
+    host: str | None
+    pid: int
+    queue: str
+    max_sessions: int
+    status: WorkerStatus
+    started_at: datetime
+    last_heartbeat_at: datetime
+    heartbeat_age: float  # seconds, on the store's clock
+    open_sessions: int
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A group or chord header sent through a session: its members are branches."""
+
+    id: str
+    size: int  # tasks in all members together
+    snapshot_now: bool  # sent at once (snapshot at dispatch) or later (at its first start)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Tasks about to be sent through a session: registered in one statement."""
+
+    session_id: str
+    tasks: tuple[tuple[str, str | None], ...]  # (task id, task name)
+    groups: tuple[GroupSpec, ...] = ()
+    at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One execution of a session task, as the worker's writer records it.
+
+    ``finished_at`` is None while it runs; ``state`` is a Celery state, or
+    ``STARTED`` while it runs, or ``LOST``.
+    """
+
+    task_id: str
+    attempt: int  # Celery's retries count: a retry is a new run, a redelivery the same
+    session_id: str
+    name: str | None
+    state: str
+    worker: str | None
+    started_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished execution of a session task, as ``Session.history()`` reports it."""
+
+    task_id: str
+    name: str | None
+    state: str  # Celery state: SUCCESS, FAILURE, RETRY, ... or LOST
+    worker: str | None
+    started_at: datetime
+    finished_at: datetime
+    error: str | None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task of a session and what became of it."""
+
+    task_id: str
+    name: str | None
+    status: TaskStatus
+    worker: str | None
+    dispatched_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A session that was just ended, and what became of its unfinished tasks."""
+
+    session_id: str
+    status: SessionStatus
+    reason: str
+    cancelled: tuple[str, ...] = ()
+    lost: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PruneCounts:
+    """What a retention pass deleted (or would delete)."""
+
+    sessions: int = 0
+    tasks: int = 0
+    runs: int = 0
+    state_keys: int = 0
+
+    def __add__(self, other: PruneCounts) -> PruneCounts:
+        return PruneCounts(
+            self.sessions + other.sessions,
+            self.tasks + other.tasks,
+            self.runs + other.runs,
+            self.state_keys + other.state_keys,
+        )

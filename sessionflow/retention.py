@@ -1,0 +1,37 @@
+"""Retention: ended sessions are deleted, with their tasks, runs, branches and session state.
+
+``sessionflow_retention`` (default 7 days, ``None`` keeps everything) is how long an
+ended session stays. The holder of the sweeper lease prunes every 30 seconds, in
+batches, so one pass never holds the store for long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+from .records import PruneCounts, utcnow
+from .store import SessionStore
+
+BATCH = 500
+
+
+def prune(
+    store: SessionStore,
+    retention: float,
+    history_bound: int,
+    *,
+    batch: int = BATCH,
+    stop: Callable[[], bool] = lambda: False,
+) -> PruneCounts:
+    """Delete sessions ended more than ``retention`` seconds ago, ``batch`` at a time,
+    then trim every session's history to its bound. Returns what went."""
+    cutoff = utcnow() - timedelta(seconds=retention)
+    total = PruneCounts()
+    while not stop():
+        done = store.prune(cutoff, batch=batch)
+        total = total + done
+        if done.sessions < batch:
+            break
+    store.trim_history(history_bound, batch=batch)
+    return total

@@ -1,0 +1,245 @@
+"""Sessions in SQL: creation, admission, ends and moves."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import RowMapping, and_, func, insert, or_, select, update
+
+from ...enums import Reason, SessionStatus
+from ...records import Ended, NewSession, SessionRecord, utcnow
+from .engine import Engines
+from .models import sessions, workers
+
+S = sessions.c
+_OPEN, _PENDING = SessionStatus.OPEN.value, SessionStatus.PENDING.value
+_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
+
+
+def session_record(row: RowMapping) -> SessionRecord:
+    return SessionRecord(
+        id=row["id"],
+        status=SessionStatus(row["status"]),
+        reason=row["reason"],
+        hostname=row["hostname"],
+        queue=row["queue"],
+        user_id=row["user_id"],
+        agent_id=row["agent_id"],
+        metadata=row["metadata"],
+        creation_timeout=row["creation_timeout"],
+        execution_timeout=row["execution_timeout"],
+        heartbeat_timeout=row["heartbeat_timeout"],
+        ttl=row["ttl"],
+        idle_timeout=row["idle_timeout"],
+        max_turns=row["max_turns"],
+        turns=row["turns"],
+        survive_restart=bool(row["survive_restart"]),
+        affinity=row["affinity"],
+        merge_policy=row["merge_policy"],
+        reducers=row["reducers"],
+        created_at=row["created_at"],
+        opened_at=row["opened_at"],
+        deadline_at=row["deadline_at"],
+        expires_at=row["expires_at"],
+        closed_at=row["closed_at"],
+        recreated_from=row["recreated_from"],
+        target_worker=row["target_worker"],
+        settled=row["settled_at"] is not None or row["status"] not in _ENDED,
+        last_heartbeat_at=row.get("last_heartbeat_at"),
+    )
+
+
+class SessionsSQL:
+    """The session rows' half of :class:`~sessionflow.store.sql.SQLStore`."""
+
+    engines: Engines
+
+    def create_pending(self, new: NewSession) -> None:
+        values: dict[str, Any] = {
+            "id": new.id,
+            "status": _PENDING,
+            "turns": 0,
+            "created_at": new.created_at,
+            "creation_timeout": new.creation_timeout,
+            "execution_timeout": new.execution_timeout,
+            "heartbeat_timeout": new.heartbeat_timeout,
+            "user_id": new.user_id,
+            "agent_id": new.agent_id,
+            "metadata": new.metadata,
+            "ttl": new.ttl,
+            "idle_timeout": new.idle_timeout,
+            "max_turns": new.max_turns,
+            "survive_restart": new.survive_restart,
+            "affinity": new.affinity,
+            "merge_policy": new.merge_policy,
+            "reducers": new.reducers,
+            "target_worker": new.target_worker,
+            "recreated_from": new.recreated_from,
+        }
+        with self.engines.single() as conn:
+            conn.execute(insert(sessions).values(**values))
+
+    def get_session(self, session_id: str, *, with_heartbeat: bool = False) -> SessionRecord | None:
+        query = select(sessions).where(S.id == session_id)
+        if with_heartbeat:
+            query = (
+                select(sessions, workers.c.last_heartbeat_at)
+                .select_from(sessions.outerjoin(workers, workers.c.nodename == S.hostname))
+                .where(S.id == session_id)
+            )
+        with self.engines.read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else session_record(row)
+
+    def list_sessions(
+        self,
+        *,
+        status: SessionStatus | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        hostname: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[SessionRecord]:
+        moving = and_(S.status == _PENDING, S.reason == Reason.MOVING.value)
+        query = select(sessions).where(or_(S.status != _PENDING, moving))
+        if status is SessionStatus.OPEN:
+            query = query.where(or_(S.status == _OPEN, moving))
+        elif status is not None:
+            query = query.where(S.status == status.value)
+        for column, value in ((S.user_id, user_id), (S.agent_id, agent_id), (S.hostname, hostname)):
+            if value is not None:
+                query = query.where(column == value)
+        if created_after is not None:
+            query = query.where(S.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(S.created_at < created_before)
+        order = (S.created_at.desc(), S.id.desc()) if newest_first else (S.created_at, S.id)
+        query = query.order_by(*order)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engines.read() as conn:
+            return [session_record(row) for row in conn.execute(query).mappings()]
+
+    def statuses(self, session_ids: Collection[str]) -> dict[str, tuple[SessionStatus, str | None]]:
+        ids = sorted(set(session_ids))
+        if not ids:
+            return {}
+        with self.engines.read() as conn:
+            rows = conn.execute(select(S.id, S.status, S.reason).where(S.id.in_(ids))).all()
+        return {row.id: (SessionStatus(row.status), row.reason) for row in rows}
+
+    def abandon_pending(self, session_id: str, reason: str) -> bool:
+        with self.engines.single() as conn:
+            result = conn.execute(
+                update(sessions)
+                .where(
+                    S.id == session_id,
+                    S.status == _PENDING,
+                    or_(S.reason.is_(None), S.reason != Reason.MOVING.value),
+                )
+                .values(
+                    status=SessionStatus.FAILED.value,
+                    reason=reason,
+                    closed_at=utcnow(),
+                    settled_at=utcnow(),
+                )
+            )
+            return result.rowcount == 1
+
+    def admit(self, session_id: str, nodename: str, queue: str) -> SessionRecord | None:
+        now = utcnow()
+        with self.engines.write() as conn:
+            row = conn.execute(
+                select(S.execution_timeout, S.ttl, S.created_at, S.target_worker, S.reason).where(
+                    S.id == session_id, S.status == _PENDING
+                )
+            ).first()
+            if row is None or row.target_worker not in (None, nodename):
+                return None
+            values: dict[str, Any] = {
+                "status": _OPEN,
+                "hostname": nodename,
+                "queue": queue,
+                "reason": None,
+                "last_activity_at": now,
+            }
+            if row.reason != Reason.MOVING.value:  # a moved session keeps its clocks
+                values.update(
+                    opened_at=now,
+                    deadline_at=now + timedelta(seconds=row.execution_timeout),
+                    expires_at=None
+                    if row.ttl is None
+                    else row.created_at + timedelta(seconds=row.ttl),
+                )
+            opened = (
+                conn.execute(
+                    update(sessions)
+                    .where(S.id == session_id, S.status == _PENDING)
+                    .values(**values)
+                    .returning(sessions)
+                )
+                .mappings()
+                .first()
+            )
+            return None if opened is None else session_record(opened)
+
+    def end_session(
+        self,
+        session_id: str,
+        status: SessionStatus,
+        reason: str,
+        *,
+        from_states: Collection[SessionStatus] = (SessionStatus.OPEN,),
+        hostname: str | None = None,
+    ) -> bool:
+        condition = [S.id == session_id, S.status.in_([s.value for s in from_states])]
+        if hostname is not None:
+            condition.append(S.hostname == hostname)
+        with self.engines.single() as conn:
+            # The store's clock, as heartbeats use: "did the worker beat after the end?"
+            now = func.now() if conn.dialect.name == "postgresql" else utcnow()
+            result = conn.execute(
+                update(sessions)
+                .where(*condition)
+                .values(status=status.value, reason=reason, closed_at=now, settled_at=None)
+            )
+            return result.rowcount == 1
+
+    def unsettled(self, hostname: str | None = None) -> list[tuple[str, str | None]]:
+        query = select(S.id, S.hostname).where(S.status.in_(_ENDED), S.settled_at.is_(None))
+        if hostname is not None:
+            query = query.where(S.hostname == hostname)
+        with self.engines.read() as conn:
+            return [(row.id, row.hostname) for row in conn.execute(query)]
+
+    def stalled_moves(self) -> list[str]:
+        now = utcnow()
+        with self.engines.read() as conn:
+            rows = conn.execute(
+                select(S.id, S.last_activity_at, S.creation_timeout).where(
+                    S.status == _PENDING, S.reason == Reason.MOVING.value
+                )
+            ).all()
+        return [
+            r.id for r in rows if r.last_activity_at + timedelta(seconds=r.creation_timeout) <= now
+        ]
+
+    def open_sessions(self, nodename: str) -> list[SessionRecord]:
+        with self.engines.read() as conn:
+            rows = conn.execute(
+                select(sessions).where(S.hostname == nodename, S.status == _OPEN)
+            ).mappings()
+            return [session_record(row) for row in rows]
+
+    def session_user(self, session_id: str) -> str | None:
+        with self.engines.read() as conn:
+            user: str | None = conn.execute(select(S.user_id).where(S.id == session_id)).scalar()
+            return user
+
+
+__all__ = ["Ended", "SessionsSQL", "session_record"]

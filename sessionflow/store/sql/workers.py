@@ -1,0 +1,207 @@
+"""Workers, heartbeats, leases and the store's generated key, in SQL."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import exists, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from ...enums import SessionStatus, WorkerStatus
+from ...errors import NodeNameInUse, StoreError
+from ...records import WorkerRecord, utcnow
+from .engine import Engines
+from .models import leases, meta, sessions, workers
+
+W, S, L = workers.c, sessions.c, leases.c
+_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
+
+
+def db_now(conn: Connection) -> datetime:
+    """The store's clock (PostgreSQL), or this machine's (SQLite: one machine anyway)."""
+    if conn.dialect.name == "postgresql":
+        value: datetime = conn.execute(select(func.now())).scalar_one()
+        return aware(value)
+    return utcnow()
+
+
+def aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+class WorkersSQL:
+    """Worker rows, leases and meta values: a part of :class:`~sessionflow.store.sql.SQLStore`."""
+
+    engines: Engines
+
+    def register_worker(
+        self,
+        nodename: str,
+        *,
+        host: str,
+        pid: int,
+        queue: str,
+        max_sessions: int,
+        is_alive: Callable[[str | None, int, float], bool],
+    ) -> None:
+        values = {
+            "host": host,
+            "queue": queue,
+            "pid": pid,
+            "max_sessions": max_sessions,
+            "status": WorkerStatus.ONLINE.value,
+        }
+        with self.engines.write() as conn:
+            now = db_now(conn)
+            row = conn.execute(
+                select(W.host, W.pid, W.status, W.last_heartbeat_at)
+                .where(W.nodename == nodename)
+                .with_for_update()
+            ).first()
+            if row is not None and (row.host, row.pid) != (host, pid):
+                age = (now - aware(row.last_heartbeat_at)).total_seconds()
+                if row.status == WorkerStatus.ONLINE.value and is_alive(row.host, row.pid, age):
+                    where = f"on {row.host}" if row.host else "elsewhere"
+                    raise NodeNameInUse(
+                        f"a worker named {nodename} is already running (pid {row.pid} {where}, "
+                        f"last heartbeat {age:.1f} s ago): start this one with its own node "
+                        "name, e.g. `celery worker -n w2@%h`. Two processes with one name "
+                        "would split a session's tasks and share one cap."
+                    )
+            if row is None:
+                try:
+                    conn.execute(
+                        insert(workers).values(
+                            nodename=nodename, started_at=now, last_heartbeat_at=now, **values
+                        )
+                    )
+                except IntegrityError:  # another process inserted it meanwhile
+                    raise NodeNameInUse(
+                        f"another worker registered as {nodename} at the same moment: give "
+                        "each worker its own node name with -n"
+                    ) from None
+            else:
+                conn.execute(
+                    update(workers)
+                    .where(W.nodename == nodename)
+                    .values(started_at=now, last_heartbeat_at=now, **values)
+                )
+
+    def clock(self) -> datetime:
+        with self.engines.read() as conn:
+            return db_now(conn)
+
+    def heartbeat(
+        self, nodename: str, *, at: datetime | None = None, max_sessions: int | None = None
+    ) -> None:
+        with self.engines.single() as conn:
+            now = func.now() if conn.dialect.name == "postgresql" else utcnow()
+            values: dict[str, object] = {
+                "last_heartbeat_at": at if at is not None else now,
+                "status": WorkerStatus.ONLINE.value,
+            }
+            if max_sessions is not None:
+                values["max_sessions"] = max_sessions
+            conn.execute(update(workers).where(W.nodename == nodename).values(**values))
+
+    def worker_offline(self, nodename: str) -> None:
+        with self.engines.single() as conn:
+            conn.execute(
+                update(workers)
+                .where(W.nodename == nodename)
+                .values(status=WorkerStatus.OFFLINE.value)
+            )
+
+    def silent_workers(self, min_age: float) -> list[tuple[str, float, WorkerStatus]]:
+        has_work = or_(
+            exists().where(S.hostname == W.nodename, S.status == SessionStatus.OPEN.value),
+            exists().where(S.hostname == W.nodename, S.status.in_(_ENDED), S.settled_at.is_(None)),
+        )
+        with self.engines.read() as conn:
+            now = db_now(conn)
+            rows = conn.execute(
+                select(W.nodename, W.last_heartbeat_at, W.status).where(
+                    W.last_heartbeat_at < now - timedelta(seconds=min_age), has_work
+                )
+            ).all()
+        return [
+            (r.nodename, (now - aware(r.last_heartbeat_at)).total_seconds(), WorkerStatus(r.status))
+            for r in rows
+        ]
+
+    def workers(self) -> list[WorkerRecord]:
+        open_count = (
+            select(func.count())
+            .where(S.hostname == W.nodename, S.status == SessionStatus.OPEN.value)
+            .scalar_subquery()
+        )
+        with self.engines.read() as conn:
+            now = db_now(conn)
+            rows = conn.execute(select(workers, open_count.label("open")).order_by(W.nodename))
+            return [
+                WorkerRecord(
+                    nodename=r.nodename,
+                    host=r.host,
+                    pid=r.pid,
+                    queue=r.queue,
+                    max_sessions=r.max_sessions,
+                    status=WorkerStatus(r.status),
+                    started_at=r.started_at,
+                    last_heartbeat_at=r.last_heartbeat_at,
+                    heartbeat_age=(now - aware(r.last_heartbeat_at)).total_seconds(),
+                    open_sessions=int(r.open),
+                )
+                for r in rows
+            ]
+
+    # -- leases -------------------------------------------------------------------
+
+    def take_lease(self, name: str, holder: str, ttl: float) -> bool:
+        try:
+            with self.engines.write() as conn:
+                now = db_now(conn)
+                until = now + timedelta(seconds=ttl)
+                taken = conn.execute(
+                    update(leases)
+                    .where(L.name == name, or_(L.holder == holder, L.expires_at < now))
+                    .values(holder=holder, expires_at=until)
+                ).rowcount
+                if taken:
+                    return True
+                if conn.execute(select(L.name).where(L.name == name)).first() is not None:
+                    return False
+                conn.execute(insert(leases).values(name=name, holder=holder, expires_at=until))
+                return True
+        except StoreError:  # another process created the lease at the same moment
+            return self.holds_lease(name, holder)
+
+    def holds_lease(self, name: str, holder: str) -> bool:
+        with self.engines.read() as conn:
+            now = db_now(conn)
+            return (
+                conn.execute(
+                    select(L.name).where(L.name == name, L.holder == holder, L.expires_at >= now)
+                ).first()
+                is not None
+            )
+
+    # -- meta ---------------------------------------------------------------------
+
+    def secret(self) -> bytes:
+        query = select(meta.c.value).where(meta.c.key == "signing_key")
+        with self.engines.read() as conn:
+            value = conn.execute(query).scalar()
+        if value is None:
+            try:
+                with self.engines.write() as conn:
+                    value = conn.execute(query).scalar()
+                    if value is None:
+                        value = secrets.token_hex(32)
+                        conn.execute(insert(meta).values(key="signing_key", value=value))
+            except StoreError:  # another process created it at the same moment: read theirs
+                with self.engines.read() as conn:
+                    value = conn.execute(query).scalar_one()
+        return bytes.fromhex(value)

@@ -1,0 +1,162 @@
+"""Engine review findings, each pinned by a test that failed on 0.1 (no worker processes)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, group, states
+from kombu.exceptions import EncodeError
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+
+from sessionflow import InvalidArgument, Session, SessionFlow, SessionFlowError, StoreError
+from sessionflow.celery_ext.live import LiveSessions
+from sessionflow.celery_ext.ticker import Ticker
+from sessionflow.enums import SessionStatus, TaskStatus
+from sessionflow.records import Ended, NewSession, utcnow
+from sessionflow.results import Resolver
+from sessionflow.store.sql.engine import translated
+
+
+def make_flow(tmp_path: Path) -> SessionFlow:
+    app = Celery("enginetest", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.sessionflow_database_url = f"sqlite:///{tmp_path / 'engine.db'}"
+
+    @app.task(name="t.a", shared=False)
+    def a(*args: Any) -> Any:
+        return args
+
+    return SessionFlow(app)
+
+
+@pytest.fixture
+def flow(tmp_path: Path) -> Iterator[SessionFlow]:
+    flow = make_flow(tmp_path)
+    yield flow
+    flow.close()
+    flow.app.close()
+
+
+def opened(flow: SessionFlow, node: str = "w1@test", **options: Any) -> Session:
+    new = NewSession(
+        id=str(uuid.uuid4()),
+        created_at=utcnow(),
+        creation_timeout=5,
+        execution_timeout=600,
+        **options,
+    )
+    flow.store.create_pending(new)
+    assert flow.store.admit(new.id, node, "q.w1") is not None
+    return Session(flow, new.id)
+
+
+def test_a_finished_task_keeps_its_result_when_its_session_ends(flow: SessionFlow) -> None:
+    """0.1: a lost task_finished let a later worker start overwrite SUCCESS with SessionTaskLost."""
+    backend = flow.app.backend
+    backend.store_result("done-1", {"ok": True}, states.SUCCESS)
+    Resolver(flow.app).resolve(
+        Ended("s-1", SessionStatus.FAILED, "worker_lost", ("done-1", "never-ran"), ("done-1",))
+    )
+    assert backend.get_state("done-1") == states.SUCCESS
+    assert backend.get_result("done-1") == {"ok": True}
+    assert backend.get_state("never-ran") == states.FAILURE
+
+
+def test_failed_publish_gives_back_turns_tasks_and_groups(flow: SessionFlow) -> None:
+    """0.1: a publish that failed left the turns taken and the branch rows behind."""
+    s = opened(flow, max_turns=5)
+    a = flow.app.tasks["t.a"]
+    with pytest.raises(EncodeError):
+        s.apply_async(group(a.s(object()), a.s(2)))  # not JSON: kombu refuses to publish
+    assert s.info.turns == 0
+    assert flow.store.tasks(s.id) == []
+    s.apply_async(a, args=(1,))
+    assert s.info.turns == 1 and len(flow.store.tasks(s.id)) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OperationalError("SELECT 1", {}, Exception("gone")), StoreError),
+        (ProgrammingError("SELECT 1", {}, Exception("no such table: sf_sessions")), StoreError),
+        (IntegrityError("INSERT", {}, Exception("duplicate key")), StoreError),
+        (DataError("INSERT", {}, Exception("value too long")), InvalidArgument),
+        (OverflowError("int too large"), InvalidArgument),
+        (RecursionError("deep"), InvalidArgument),
+    ],
+)
+def test_every_database_error_becomes_a_sessionflow_error(
+    error: Exception, expected: type[Exception]
+) -> None:
+    """0.1 translated only OperationalError, while callers catch SessionFlowError."""
+    with pytest.raises(expected) as info, translated("write"):
+        raise error
+    assert isinstance(info.value, SessionFlowError)
+    assert "SELECT" not in str(info.value) and "INSERT" not in str(info.value)
+
+
+def test_worker_start_scan_has_an_index(flow: SessionFlow) -> None:
+    """0.1: every worker start scanned sf_session_tasks.worker, which had no index."""
+    flow.store.get_session("warm-up")
+    engine = create_engine(flow.config.database_url)
+    try:
+        indexes = inspect(engine).get_indexes("sf_runs")
+    finally:
+        engine.dispose()
+    assert any(ix["column_names"] == ["worker"] for ix in indexes)
+
+
+class FlakyQueues:
+    """Queues whose first adoption fails (a broker hiccup)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def adopt(self, session_id: str, queue: str) -> int:
+        self.calls.append(session_id)
+        if len(self.calls) == 1:
+            raise ConnectionError("broker gone for a moment")
+        return 3
+
+
+def test_failed_adoption_is_retried(flow: SessionFlow) -> None:
+    """0.1: a failing adoption acked the request and stranded the parked tasks."""
+    live = LiveSessions("w1@test", "q.w1", 2, flow.store, Resolver(flow.app), lambda: None)
+    flow.__dict__["queues"] = FlakyQueues()
+    ticker = Ticker(flow, live)
+    try:
+        ticker.adopt("moved-1")
+        ticker.adopt_parked()
+        ticker.adopt_parked()
+        ticker.adopt_parked()
+        assert flow.queues.calls == ["moved-1", "moved-1"]  # failed, retried once, done
+    finally:
+        live.remove_dir()
+
+
+def test_warm_shutdown_ends_sessions_once_from_a_daemon_thread(flow: SessionFlow) -> None:
+    """0.1: the SIGTERM handler started a non-daemon thread and ended the sessions twice."""
+    live = LiveSessions("w1@test", "q.w1", 2, flow.store, Resolver(flow.app), lambda: None)
+    s = opened(flow)
+    live.open(flow.store.get_session(s.id))  # type: ignore[arg-type]
+    ends: list[str] = []
+    live.on_end.append(lambda held, *_: ends.append(held.record.id))
+    ticker = Ticker(flow, live)
+    before = set(threading.enumerate())
+    try:
+        ticker.request_shutdown()
+        ticker.request_shutdown()
+        assert ticker.wait_shutdown(10)
+        started = set(threading.enumerate()) - before
+        assert all(t.daemon for t in started)
+        ticker._end_for_shutdown()  # what the bootstep's stop() runs again
+    finally:
+        live.remove_dir()
+    assert ends == [s.id]
+    assert s.info.state.value == "failed" and s.info.reason == "worker_shutdown"
+    assert all(t.status is not TaskStatus.PENDING for t in flow.store.tasks(s.id))
