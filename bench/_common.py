@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -48,10 +48,11 @@ def service_up(host: str, port: int) -> bool:
         return False
 
 
-def check_services(store: str) -> None:
-    """Raise BenchError naming every service this run needs and cannot reach."""
+def check_services(stores: str | Sequence[str]) -> None:
+    """Raise BenchError naming every service these stores need and cannot reach."""
+    stores = [stores] if isinstance(stores, str) else list(stores)
     needed = [("Redis", REDIS_HOST, REDIS_PORT)]
-    if store == "postgres":
+    if "postgres" in stores:
         needed.append(("PostgreSQL", PG_HOST, PG_PORT))
     missing = [
         f"{name} at {host}:{port}" for name, host, port in needed if not service_up(host, port)
@@ -149,6 +150,7 @@ class Stack:
 
     store: str = "sqlite"
     keep: bool = False
+    count: bool = False  # workers count their store statements into count_dir
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     root: Path = field(init=False)
     env: dict[str, str] = field(default_factory=dict)
@@ -185,6 +187,9 @@ class Stack:
             "SFB_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}",
             "SFB_RESULT_BACKEND": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}",
         }
+        if self.count:
+            self.count_dir.mkdir()
+            env["SFB_COUNT_DIR"] = str(self.count_dir)
         if self.store == "sqlite":
             env["SFB_DATABASE_URL"] = f"sqlite:///{self.root / 'sessionflow.db'}"
         else:
@@ -196,7 +201,26 @@ class Stack:
         from benchapp import create_app
 
         self.app = create_app(env)
-        self.flow.store.upgrade()
+        upgrade = getattr(self.flow.store, "upgrade", None)
+        if upgrade is not None:
+            upgrade()
+        else:  # the documented command, should the library call move
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("sessionflow")),
+                    "db",
+                    "upgrade",
+                    "--url",
+                    env["SFB_DATABASE_URL"],
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+
+    @property
+    def count_dir(self) -> Path:
+        """Where the workers publish their statement counts (see ``_sqlcount``)."""
+        return self.root / "counts"
 
     @property
     def flow(self) -> Any:
@@ -269,22 +293,53 @@ class Stack:
         raise BenchError(f"worker {worker.nodename} not ready after {timeout} s")
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        if self.app is not None:
-            with contextlib.suppress(Exception):
-                self.flow.store.dispose()
-            with contextlib.suppress(Exception):
-                self.app.close()
-        if self.env:
-            _delete_redis_keys(self.env["SFB_KEYPREFIX"])
-        if self._pg_db:
-            _pg_admin(f"DROP DATABASE IF EXISTS {self._pg_db} WITH (FORCE)")
-            self._pg_db = None
-        if self.keep:
-            print(f"kept {self.root} (worker logs, SQLite store)", file=sys.stderr)
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Stop the workers, delete the run's Redis keys, drop the scratch store (idempotent).
+
+        Every step runs even if an earlier one failed, and SIGINT/SIGTERM/SIGHUP wait
+        until the end (a second Ctrl-C must not leave a database or a worker behind).
+        """
+        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            for worker in self.workers:
+                _cleanup(f"stopping worker {worker.nodename}", worker.stop)
+            self.workers = []
+            if self.app is not None:
+                # The client's liveness watcher thread must not outlive the store.
+                with contextlib.suppress(Exception):
+                    self.flow.close()
+                with contextlib.suppress(Exception):
+                    self.flow.store.dispose()
+                with contextlib.suppress(Exception):
+                    self.app.close()
+                self.app = None
+            if self.env:
+                prefix = self.env["SFB_KEYPREFIX"]
+                _cleanup(f"deleting Redis keys {prefix}*", lambda: _delete_redis_keys(prefix))
+                self.env = {}
+            if self._pg_db:
+                name = self._pg_db
+                _cleanup(
+                    f"dropping database {name}",
+                    lambda: _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                )
+                self._pg_db = None
+            if self.keep:
+                print(
+                    f"kept {self.root} (worker logs, SQLite store, statement counts)",
+                    file=sys.stderr,
+                )
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _cleanup(what: str, step: Callable[[], Any]) -> None:
+    try:
+        step()
+    except Exception as exc:
+        print(f"cleanup: {what} failed: {exc!r}", file=sys.stderr)
 
 
 def _pg_admin(sql: str) -> None:
@@ -357,27 +412,61 @@ def environment_line() -> str:
 
 
 @dataclass(frozen=True)
-class Figure:
-    """One headline ratio and its target (``higher`` says which side passes)."""
+class Row:
+    """One line of a report table: a value per column (store) and an optional target.
+
+    ``higher`` says which side of ``target`` passes. A row without values is a heading.
+    """
 
     label: str
-    value: float
-    target: float
-    higher: bool
+    values: Mapping[str, float | None] = field(default_factory=dict)
+    target: float | None = None
+    higher: bool = False
+    digits: int = 3
 
-    @property
-    def passed(self) -> bool:
-        return self.value >= self.target if self.higher else self.value <= self.target
+    def passed(self, value: float) -> bool | None:
+        if self.target is None:
+            return None
+        return value >= self.target if self.higher else value <= self.target
 
     @property
     def target_text(self) -> str:
+        if self.target is None:
+            return ""
+        if self.target == 0 and not self.higher:
+            return "= 0"
         return f"{'>=' if self.higher else '<='} {self.target:g}"
 
+    def cell(self, column: str) -> str:
+        value = self.values.get(column)
+        if value is None:
+            return "n/a" if self.values else ""
+        verdict = self.passed(value)
+        digits = self.digits
+        while digits < 6 and value != 0 and float(f"{value:.{digits}f}") in (0.0, self.target):
+            digits += 1  # 0.0004 must not print as 0.000, nor 1.5004 as 1.500 MISS
+        text = f"{value:.{digits}f}"
+        return text if verdict is None else f"{text} {'pass' if verdict else 'MISS'}"
 
-def print_figures(figures: Sequence[Figure]) -> None:
-    width = max(len(f.label) for f in figures)
-    print(f"{'figure':<{width}}  {'measured':>8}  {'target':>8}  result")
-    print(f"{'-' * width}  {'-' * 8}  {'-' * 8}  ------")
-    for f in figures:
-        verdict = "pass" if f.passed else "MISS"
-        print(f"{f.label:<{width}}  {f.value:>8.3f}  {f.target_text:>8}  {verdict}")
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "values": dict(self.values),
+            "target": self.target_text or None,
+            "passed": {c: self.passed(v) for c, v in self.values.items() if v is not None},
+        }
+
+
+def print_table(rows: Sequence[Row], columns: Sequence[str]) -> None:
+    """Print ``rows`` with one value column per entry of ``columns``, then the target."""
+    width = max(len(r.label) for r in rows)
+    cells = {c: max([len(c), *(len(r.cell(c)) for r in rows)]) for c in columns}
+    head = "  ".join(f"{c:<{cells[c]}}" for c in columns)
+    print(f"{'figure':<{width}}  {head}  target")
+    print(f"{'-' * width}  {'  '.join('-' * cells[c] for c in columns)}  ------")
+    for r in rows:
+        if not r.values and r.target is None:
+            print(r.label)
+            continue
+        line = "  ".join(f"{r.cell(c):<{cells[c]}}" for c in columns)
+        print(f"{r.label:<{width}}  {line}  {r.target_text}".rstrip())
