@@ -1,38 +1,33 @@
-"""``sessionflow`` command line: thin wrappers over library calls."""
+"""``sessionflow`` command line: ``sessionflow db upgrade|current`` for deploy scripts.
+
+The same commands as ``celery -A proj sessions db ...`` (:mod:`.celery_cli`), usable
+without an app module (``--url``). Everything else lives under ``celery sessions``.
+"""
 
 from __future__ import annotations
-
-import os
 
 import click
 from celery import Celery
 from celery.app.utils import find_app
 from celery.utils.imports import import_from_cwd, symbol_by_name
 
-from . import __version__
-from .config import DEFAULT_DATABASE_URL, Config, check_database_url, load_config
+from . import __version__, ops
+from .celery_cli import render_db, render_list
+from .config import Config
 from .errors import SessionFlowError
 from .flow import SessionFlow
-from .store.sql import SQLStore
 
 
 def _config(url: str | None, app: str | None) -> Config:
+    """The store to act on: ``--url``, or the one ``-A app`` sets (never an implicit default)."""
     if url and app:
         raise click.UsageError("give --url or -A/--app, not both")
     try:
-        if app:
-            return load_config(_find_app(app).conf)
-        if url:
-            check_database_url(url)
-            return Config(database_url=url)
+        return ops.store_config(_find_app(app) if app else None, url)
+    except ops.StoreNotConfigured as exc:
+        raise click.UsageError(str(exc)) from None
     except SessionFlowError as exc:
         raise click.ClickException(str(exc)) from None
-    default = os.path.abspath(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
-    raise click.UsageError(
-        "which session store? Pass --url URL, or -A yourapp to use the store the app "
-        f"configures (without sessionflow_database_url an app uses {DEFAULT_DATABASE_URL}, "
-        f"which here would be {default})"
-    )
 
 
 def _find_app(name: str) -> Celery:
@@ -65,30 +60,30 @@ def db() -> None:
 @_url
 @_app
 def upgrade(url: str | None, app: str | None) -> None:
-    """Apply all pending migrations."""
+    """Apply all pending migrations (same as celery -A proj sessions db upgrade)."""
     config = _config(url, app)
     click.echo(f"upgrading the session store at {config.masked_url}")
     try:
-        revision = SQLStore(config).upgrade()
+        done = ops.db_upgrade(config)
     except SessionFlowError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"session store at {config.masked_url} is at revision {revision}")
+    click.echo(render_db(done))
 
 
 @db.command()
 @_url
 @_app
 def current(url: str | None, app: str | None) -> None:
-    """Print the schema revision in force (changes nothing)."""
+    """Print the schema revision in force (same as celery -A proj sessions db current)."""
     config = _config(url, app)
     try:
-        revision = SQLStore(config).revision()
+        done = ops.db_current(config)
     except SessionFlowError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"session store at {config.masked_url} is at revision {revision or 'none'}")
+    click.echo(render_db(done))
 
 
-@main.command("sessions")
+@main.command("sessions", hidden=True)
 @click.option("--state", type=click.Choice(["open", "closed", "failed"]))
 @click.option("--user-id")
 @click.option("--hostname")
@@ -96,16 +91,16 @@ def current(url: str | None, app: str | None) -> None:
 def sessions_cmd(
     state: str | None, user_id: str | None, hostname: str | None, app_name: str
 ) -> None:
-    """List sessions."""
+    """0.1's session listing; use celery -A proj sessions list."""
     flow = SessionFlow(_find_app(app_name))
     try:
-        for session in flow.list_sessions(state=state, user_id=user_id, hostname=hostname):
-            info = session.info
-            click.echo(
-                f"{info.session_id}  {info.state.value:<7} {info.hostname}  {info.reason or ''}"
-            )
+        ops.existing_store(flow.config)
+        found = ops.list_sessions(
+            flow, state=state, user_id=user_id, hostname=hostname, limit=100_000
+        )
     except SessionFlowError as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo(render_list(found))
 
 
 if __name__ == "__main__":

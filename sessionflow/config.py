@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -58,7 +59,7 @@ class Config:
         """The database URL with its password replaced by ``***``."""
         return mask_url(self.database_url)
 
-    @property
+    @cached_property
     def dialect(self) -> str:
         return make_url(self.database_url).get_backend_name()
 
@@ -80,7 +81,7 @@ class Config:
         """Queue of creation requests addressed to one worker (recreate_session)."""
         return f"{self.queue_prefix}.create.{safe_name(nodename)}"
 
-    @property
+    @cached_property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 

@@ -27,7 +27,8 @@ from .errors import (
     SessionNotFound,
 )
 from .queues import Queues, request_is_live
-from .records import NewSession
+from .records import NewSession, SessionRecord
+from .registrar import Registrar
 from .results import Resolver
 from .session import Session
 from .store import SessionStore, open_store
@@ -142,6 +143,15 @@ class SessionFlow:
         return Sweeper(self.store, self.queues, self.resolver, self.config, self.request_admission)
 
     @cached_property
+    def registrar(self) -> Registrar:
+        return Registrar(self.store, self.resolver)
+
+    @cached_property
+    def session_cache(self) -> dict[str, tuple[SessionRecord, float]]:
+        """Sessions this process read lately (see ``Session._open_record``)."""
+        return {}
+
+    @cached_property
     def watcher(self) -> Watcher:
         return Watcher(self.sweeper, self.config.monitor_interval)
 
@@ -249,10 +259,22 @@ class SessionFlow:
         return self._create(new, make_queue(self.config.worker_creation_queue(nodename)))
 
     def _create(self, new: NewSession, queue: Queue | None = None) -> Session:
-        self.store.create_pending(new)
+        """Ask for a worker and wait for it; no store write unless nobody answers.
+
+        The request carries the whole session: the admitting worker inserts it as open
+        in one statement. A client that gives up inserts it as failed instead; the
+        store lets exactly one of the two inserts happen.
+        """
         reply_id = f"sessionflow.created.{new.id}"
-        self.request_admission(new.id, new.creation_timeout, queue, reply_id)
-        self._await_admission(new.id, new.creation_timeout, reply_id, queue)
+        self.request_admission(new.id, new.creation_timeout, queue, reply_id, new=new)
+        admitted = self._await_admission(new.id, new.creation_timeout, reply_id)
+        if not admitted and self.store.abandon_new(new, Reason.CREATION_TIMEOUT.value):
+            self._clear_stale_requests(queue or self.creation_queue)
+            raise SessionCreationTimeout(
+                f"no worker admitted the session within {new.creation_timeout} s: are "
+                "workers running with SessionFlow(app), and below their --max-sessions cap?"
+            )
+        # Admitted, or a worker admitted it between our last look and the abandon attempt.
         self.ensure_watching()
         return Session(self, new.id)
 
@@ -263,6 +285,7 @@ class SessionFlow:
         queue: Queue | None = None,
         reply_id: str | None = None,
         move: bool = False,
+        new: NewSession | None = None,
     ) -> None:
         """Ask the workers (or the one of ``queue``) to admit a pending session.
 
@@ -272,6 +295,8 @@ class SessionFlow:
         body: dict[str, Any] = {"session_id": session_id}
         if move:
             body["move"] = True
+        if new is not None:
+            body["new"] = new.to_message()
         if creation_timeout is not None:
             body["expires_at"] = time.time() + creation_timeout
         if reply_id is not None and not isinstance(self.app.backend, DisabledBackend):
@@ -288,36 +313,26 @@ class SessionFlow:
                 expiration=creation_timeout,
             )
 
-    def _await_admission(
-        self, session_id: str, timeout: float, reply_id: str, queue: Queue | None
-    ) -> None:
-        """Wait for the admitting worker's reply (result backend), else poll the store."""
+    def _await_admission(self, session_id: str, timeout: float, reply_id: str) -> bool:
+        """Wait for the admitting worker's reply (result backend), else poll the store.
+
+        True once a worker admitted the session; False when the time is up.
+        """
         if not isinstance(self.app.backend, DisabledBackend):
             try:
                 self.app.AsyncResult(reply_id).get(timeout=timeout, interval=0.01, propagate=False)
-                return
+                return True
             except CeleryTimeout:
-                pass
-        else:
-            self._poll_admission(session_id, timeout)
-        if self.store.abandon_pending(session_id, Reason.CREATION_TIMEOUT.value):
-            self._clear_stale_requests(queue or self.creation_queue)
-            raise SessionCreationTimeout(
-                f"no worker admitted the session within {timeout} s: are workers "
-                "running with SessionFlow(app), and below their --max-sessions cap?"
-            )
-        # A worker admitted it between our last look and the abandon attempt.
-
-    def _poll_admission(self, session_id: str, timeout: float) -> None:
+                return False
         deadline = time.monotonic() + timeout
         delay = _POLL_START
         while True:
-            status = self.store.statuses([session_id]).get(session_id)
-            if status is None or status[0] is not SessionStatus.PENDING:
-                return
+            found = self.store.statuses([session_id]).get(session_id)
+            if found is not None and found[0] is not SessionStatus.PENDING:
+                return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                return False
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
 
@@ -383,6 +398,7 @@ class SessionFlow:
         settles the session's unstarted tasks. If it does not answer, this waits
         until its next heartbeat has seen the end (or until it counts as lost).
         """
+        self.session_cache.pop(session_id, None)
         record = self.store.get_session(session_id)
         if record is None or not self.store.end_session(session_id, status, reason):
             return False
@@ -433,5 +449,7 @@ class SessionFlow:
         """Stop this process's liveness watcher and close its store connections."""
         if "watcher" in self.__dict__:
             self.watcher.stop()
+        if "registrar" in self.__dict__:
+            self.registrar.close()
         if "store" in self.__dict__:
             self.store.dispose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +34,39 @@ class NewSession:
     reducers: dict[str, str] | None = None
     target_worker: str | None = None
     recreated_from: str | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        """JSON for a creation request: the admitting worker inserts the row itself."""
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["created_at"] = self.created_at.isoformat()
+        return body
+
+    @classmethod
+    def from_message(cls, body: Any) -> NewSession:
+        """The session a creation request carries; ValueError if it is not one."""
+        if not isinstance(body, dict) or set(body) - {f.name for f in fields(cls)}:
+            raise ValueError("not a session specification")
+        values = dict(body)
+        created = datetime.fromisoformat(str(values.pop("created_at")))
+        if created.tzinfo is None:
+            raise ValueError("created_at has no time zone")
+        new = cls(created_at=created, **values)
+        for name, kinds in _SPEC_TYPES.items():
+            value = getattr(new, name)
+            if not isinstance(value, kinds) or isinstance(value, bool) != (kinds == (bool,)):
+                raise ValueError(f"{name} has the wrong type")
+        return new
+
+
+_SPEC_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "creation_timeout": (int, float),
+    "execution_timeout": (int, float),
+    "heartbeat_timeout": (int, float),
+    "survive_restart": (bool,),
+    "affinity": (str,),
+    "merge_policy": (str,),
+}
 
 
 @dataclass(frozen=True)

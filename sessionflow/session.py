@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .state import State
 
 logger = logging.getLogger("sessionflow")
+STATUS_TTL = 0.5  # seconds a session's status read by this process is trusted for sending
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Session:
         record = self._flow.store.get_session(self.id, with_heartbeat=True)
         if record is None:
             raise SessionNotFound(f"session {self.id!r} no longer exists in the store")
+        self._flow.session_cache[self.id] = (record, time.monotonic())
         return SessionInfo.from_record(record, self._flow.signing_key)
 
     # -- sending tasks ------------------------------------------------------------
@@ -110,7 +112,9 @@ class Session:
     ) -> AsyncResult | GroupResult:
         """Send a task, signature or canvas to run entirely on the session's worker.
 
-        One store statement registers all its tasks, whatever the canvas size.
+        A single task costs no store round trip (its registration follows in a batch);
+        a canvas, or any task of a session with ``max_turns``, is registered in one
+        statement before it is sent, whatever its size.
         Raises :class:`SessionClosed` / :class:`SessionFailed` if the session is not
         open, :class:`TurnLimitExceeded` past ``max_turns``; nothing is sent then.
         """
@@ -123,6 +127,18 @@ class Session:
             limits.text("task id", task_id)
             limits.text("task name", name, optional=True)
         groups, branch_headers = branches.plan(sig)
+        key = self._flow.signing_key
+        if len(tasks) == 1 and not groups:
+            record = self._open_record()
+            if record.max_turns is None and record.queue:
+                # One task, no turn limit: no store round trip. The worker checks its
+                # signature; its registration follows in a batch (see registrar.py).
+                canvas.stamp(
+                    sig, self.id, record.queue, lambda tid: tokens.sign_task(key, self.id, tid)
+                )
+                single: AsyncResult = sig.apply_async()
+                self._flow.registrar.add(self.id, tasks)
+                return single
         dispatch = Dispatch(self.id, tasks, groups)
         store = self._flow.store
         queue = store.dispatch(dispatch)
@@ -130,7 +146,6 @@ class Session:
             queue = store.dispatch(dispatch)
         if queue is None:
             raise self._refusal(len(tasks))
-        key = self._flow.signing_key
         canvas.stamp(
             sig, self.id, queue, lambda tid: tokens.sign_task(key, self.id, tid), branch_headers
         )
@@ -155,6 +170,27 @@ class Session:
         registered in this process)."""
         limits.text("name", name)
         return self.apply_async(self._flow.app.signature(name), args, kwargs, **options)
+
+    def _open_record(self) -> SessionRecord:
+        """The session as last read (at most ``STATUS_TTL`` ago); raises if it ended.
+
+        Another process's end may take up to ``STATUS_TTL`` to be seen here; a task sent
+        in that time is refused by the worker and its result raises the same error.
+        """
+        cache = self._flow.session_cache
+        hit = cache.get(self.id)
+        if hit is None or time.monotonic() - hit[1] > STATUS_TTL:
+            record = self._flow.store.get_session(self.id)
+            if record is None:
+                raise SessionNotFound(f"no session {self.id!r} in the store")
+            if record.moving and self._await_move():
+                record = self._flow.store.get_session(self.id) or record
+            cache[self.id] = hit = (record, time.monotonic())
+        record = hit[0]
+        if record.status is not SessionStatus.OPEN:
+            cache.pop(self.id, None)
+            raise ended_error(self.id, record.status.value, record.reason)
+        return record
 
     def _refusal(self, count: int) -> Exception:
         record = self._flow.store.get_session(self.id)
@@ -214,6 +250,7 @@ class Session:
         Tasks that have not started will not run; their results raise SessionClosed.
         When this returns, no task of the session starts any more.
         """
+        self._flow.registrar.flush(self.id)  # its tasks are registered before it ends
         self._flow.end_session(self.id, SessionStatus.CLOSED, Reason.COMPLETED.value)
 
     def __enter__(self) -> Session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
-from click import Option
+from click import IntRange, Option
 
 from ..middleware import Middleware
 from ..runtime import TaskRun, current_run
@@ -36,6 +36,7 @@ def install(flow: SessionFlow) -> None:
     )
     app.steps["worker"].add(SessionWorker)
     app.steps["consumer"].add(Admission)
+    _install_operations(app)
     if not any(isinstance(m, BranchMiddleware) for m in flow.middleware):
         flow.middleware.append(BranchMiddleware(flow))
     wrap_send_task(flow)
@@ -63,6 +64,30 @@ def install(flow: SessionFlow) -> None:
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
     signals.worker_shutdown.connect(_on_shutdown, weak=False)
+
+
+def _install_operations(app: Any) -> None:
+    """Events, signals, metrics, logs and banner (:mod:`.observe`), and their options."""
+    from .observe import Observer, TaskEvents
+
+    app.user_options["worker"].add(
+        Option(
+            ["--sessions-metrics-port"],
+            type=IntRange(0, 65535),
+            default=None,
+            help="sessionflow: serve Prometheus metrics of this worker's sessions on this "
+            "port (0: any free port, logged; needs sessionflow[prometheus]).",
+        )
+    )
+    app.user_options["worker"].add(
+        Option(
+            ["--sessions-metrics-addr"],
+            default=None,
+            help="sessionflow: address the metrics port listens on (default 0.0.0.0).",
+        )
+    )
+    app.steps["worker"].add(Observer)
+    app.steps["consumer"].add(TaskEvents)
 
 
 def _step(flow: SessionFlow) -> SessionWorker | None:

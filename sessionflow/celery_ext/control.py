@@ -1,13 +1,28 @@
-"""Remote-control commands a worker answers (registered on import, in every process:
-Celery checks command names on the client side too)."""
+"""Remote-control commands a worker answers.
+
+Registered on import, which ``SessionFlow(app)`` does in every process that loads
+the app module: ``celery inspect`` / ``celery control`` check command names in the
+client's own process (celery #6608), so the CLI has to know them too.
+
+- ``celery -A proj inspect sessions``: each worker's live view (cap, open sessions
+  with age and task counts, whether admission is paused).
+- ``celery -A proj control sessions_cap 8 -d w1@host``: change a worker's cap until
+  it stops; the next creation request is judged by it. The reply names the old and
+  the new value.
+- ``sessionflow_end`` (internal): the owner of a session that ended in the store
+  settles it at once.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.worker.control import control_command
+import click
+from celery.worker.control import control_command, inspect_command
 
 from ..limits import MAX_SESSION_ID
+
+MAX_CAP = 1_000_000
 
 
 def _live(state: Any) -> Any:
@@ -15,6 +30,19 @@ def _live(state: Any) -> Any:
 
     flow = SessionFlow.of(state.consumer.app)
     return None if flow is None else flow.live
+
+
+def parse_cap(value: Any) -> int:
+    """A cap as given on the command line or by a client: a whole number >= 1."""
+    if isinstance(value, bool):
+        raise click.BadParameter(f"cap must be a whole number from 1 to {MAX_CAP}, got {value!r}")
+    try:
+        cap = int(value)
+    except (TypeError, ValueError):
+        cap = 0
+    if str(cap) != str(value).strip() or not 1 <= cap <= MAX_CAP:
+        raise click.BadParameter(f"cap must be a whole number from 1 to {MAX_CAP}, got {value!r}")
+    return cap
 
 
 @control_command(  # type: ignore[untyped-decorator]
@@ -30,3 +58,40 @@ def sessionflow_end(state: Any, session_id: str) -> dict[str, Any]:
     held = live.get(session_id) is not None
     live.end(session_id)
     return {"ok": True, "held": held}
+
+
+@inspect_command(  # type: ignore[untyped-decorator]
+    help="sessionflow: this worker's open sessions, cap, and whether it takes new ones",
+)
+def sessions(state: Any) -> dict[str, Any]:
+    """This worker's live view of its sessions."""
+    live = _live(state)
+    if live is None:
+        return {"error": "this worker runs no sessionflow (SessionFlow(app) not attached)"}
+    view: dict[str, Any] = live.describe()
+    view["nodename"] = live.nodename
+    return view
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    args=[("cap", parse_cap)],
+    signature="<cap>",
+    help="sessionflow: set the most sessions this worker opens at once (until it stops)",
+)
+def sessions_cap(state: Any, cap: Any) -> dict[str, Any]:
+    """Change this worker's cap; effective for the next creation request."""
+    live = _live(state)
+    if live is None:
+        return {"error": "this worker runs no sessionflow (SessionFlow(app) not attached)"}
+    try:
+        new = parse_cap(cap)
+    except click.BadParameter as exc:
+        return {"error": exc.message}
+    old, live.cap = live.cap, new
+    open_now = live.count()
+    return {
+        "ok": f"cap {old} -> {new} ({open_now} open)",
+        "old": old,
+        "new": new,
+        "open": open_now,
+    }

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sessionflow.worker")
 MAX_ERROR = 2000
+REFUSED_STATE = "REFUSED"  # what observers hear for a session task that did not run
 
 
 class Gate:
@@ -45,6 +46,9 @@ class Gate:
         self.live = live
         self.writer = writer
         self.refused = 0
+        # Operations hook: (session id, final state) of every session task this worker
+        # ended, REFUSED for one that did not run (main process; metrics).
+        self.observers: list[Callable[[str, str], None]] = []
 
     # -- arrival --------------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class Gate:
     def refuse(self, req: Any, error: Exception) -> None:
         """End a request without running it: its error is its result."""
         self.refused += 1
+        self._observe(str(req.request_dict.get(SESSION_HEADER) or ""), REFUSED_STATE)
         logger.info("not running %s[%s]: %s", req.name, req.id, error)
         task_ready(req)
         try:
@@ -150,6 +155,7 @@ class Gate:
             exc = _unwrap(getattr(retval, "exception", None)) if failed else None
             if failed and getattr(exc, REFUSED, False):
                 self.live.finished(session_id, task_id)  # the gate in the pool said no
+                self._observe(session_id, REFUSED_STATE)
                 return
             if not failed:
                 self._ended(session_id, task_id, run(states.SUCCESS))
@@ -173,6 +179,14 @@ class Gate:
     def _ended(self, session_id: str, task_id: str, run: Run) -> None:
         self.writer.finished(run)
         self.live.finished(session_id, task_id)
+        self._observe(session_id, run.state)
+
+    def _observe(self, session_id: str, state: str) -> None:
+        for observer in self.observers:
+            try:
+                observer(session_id, state)
+            except Exception:
+                logger.exception("sessionflow: task observer %r failed", observer)
 
 
 def _chain(options: dict[str, Any], name: str, ours: Callable[..., None]) -> None:

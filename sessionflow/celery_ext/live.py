@@ -26,6 +26,7 @@ from hashlib import sha1
 from typing import Any
 
 from ..config import safe_name
+from ..errors import ended_error
 from ..records import Ended, SessionRecord
 from ..results import Resolver
 from ..store import SessionStore
@@ -98,6 +99,10 @@ class LiveSessions:
         self.dir = make_live_dir(nodename)
         self.pid = os.getpid()
         self.on_end: list[Callable[[Live, Ended | None, str, str], None]] = []
+        # -- operations hooks (events, signals, metrics: sessionflow.celery_ext.observe) --
+        self.on_open: list[Callable[[Live], None]] = []
+        self.on_admission: list[Callable[[bool], None]] = []
+        self.admission_paused: bool | None = None  # None until admission first decides
         self._lock = threading.RLock()
         self._sessions: dict[str, Live] = {}
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -132,8 +137,10 @@ class LiveSessions:
 
     def open(self, record: SessionRecord) -> None:
         os.makedirs(os.path.join(self.dir, record.id), exist_ok=True)
+        live = Live(record)
         with self._lock:
-            self._sessions[record.id] = Live(record)
+            self._sessions[record.id] = live
+        self._notify(self.on_open, live)
 
     def arrived(self, session_id: str, task_id: str) -> bool:
         with self._lock:
@@ -182,12 +189,31 @@ class LiveSessions:
         status, reason = self._record_end(session_id, ended)
         if ended is not None:
             self.resolver.resolve(ended)
+        # Queued here but maybe not registered yet (their client registers in batches).
+        waiting = live.queued - running - set(ended.cancelled if ended else ())
+        if waiting:
+            self.resolver.store_failures(waiting, ended_error(session_id, status, reason))
         for hook in self.on_end:
             try:
                 hook(live, ended, status, reason)
             except Exception:
                 logger.exception("sessionflow: end hook failed for %s", session_id)
         return ended
+
+    def set_admission_paused(self, paused: bool) -> None:
+        """The admission step stopped (or resumed) taking creation requests.
+
+        Hooks hear only changes after the first decision (not the start itself)."""
+        before, self.admission_paused = self.admission_paused, paused
+        if before is not None and before != paused:
+            self._notify(self.on_admission, paused)
+
+    def _notify(self, hooks: list[Callable[[Any], None]], value: Any) -> None:
+        for hook in hooks:
+            try:
+                hook(value)
+            except Exception:
+                logger.exception("sessionflow: %r hook failed", hook)
 
     def _record_end(self, session_id: str, ended: Ended | None) -> tuple[str, str]:
         if ended is not None:
@@ -224,6 +250,8 @@ class LiveSessions:
             return {
                 "cap": self.cap,
                 "open": len(self._sessions),
+                "free": max(self.cap - len(self._sessions), 0),
+                "admission_paused": bool(self.admission_paused),
                 "sessions": {
                     sid: {
                         "age": round(now - live.opened, 3),

@@ -22,7 +22,7 @@ from ..canvas import make_queue
 from ..enums import Reason, SessionStatus
 from ..errors import ConfigurationError, SessionFlowError
 from ..queues import request_is_live
-from ..records import utcnow
+from ..records import NewSession, utcnow
 from ..sweeper import DISPATCH_GRACE
 from .gate import Gate
 from .live import LiveSessions
@@ -204,6 +204,9 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         worker: SessionWorker = c.controller.sessionflow
         self.worker = worker
         self.flow = worker.flow
+        # Celery's Tasks step rebuilt every task's tracer just now (update_strategies):
+        # wrap them again, for the solo and threads pools that trace in this process.
+        wrap_tracers(self.flow, worker.nodename)
         self.live = worker.live
         self.channel = c.connection.channel()
         self.channel.basic_qos(0, 1, False)
@@ -217,6 +220,8 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         )
         self.paused = True
         self._maybe_resume()
+        if self.paused:
+            self.live.set_admission_paused(True)
         self.timers = [
             c.timer.call_repeatedly(self.flow.config.admission_poll_interval, self._maybe_resume)
         ]
@@ -250,7 +255,11 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
             self._pause()
             return
         try:
-            record = self.flow.store.admit(session_id, self.live.nodename, self.live.queue)
+            record = self._admit(session_id, body.get("new"))
+        except ValueError:
+            logger.warning("sessionflow: dropping malformed creation request %s", session_id)
+            message.ack()
+            return
         except SessionFlowError:
             logger.exception("sessionflow: admission of %s failed; will retry", session_id)
             message.requeue()
@@ -267,6 +276,16 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         logger.info("sessionflow: admitted session %s", session_id)
         if not self.live.has_room():
             self._pause()
+
+    def _admit(self, session_id: str, spec: Any) -> Any:
+        """Open the session here: insert a new one, or take a pending (moving) one."""
+        nodename, queue = self.live.nodename, self.live.queue
+        if spec is None:
+            return self.flow.store.admit(session_id, nodename, queue)
+        new = NewSession.from_message(spec)
+        if new.id != session_id or new.target_worker not in (None, nodename):
+            return None  # addressed to another worker (recreate)
+        return self.flow.store.open_new(new, nodename, queue)
 
     def _reply(self, body: dict[str, Any], record: Any) -> None:
         reply = body.get("reply")
@@ -285,6 +304,7 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
             # another request into on_request, which must not cancel a second time.
             self.paused = True
             self.consumer.cancel()
+            self.live.set_admission_paused(True)
 
     def _maybe_resume(self) -> None:
         if not self.paused or self.consumer is None or self.flow.worker_closing:
@@ -292,3 +312,4 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.live.has_room():
             self.consumer.consume()
             self.paused = False
+            self.live.set_admission_paused(False)

@@ -124,6 +124,16 @@ class SessionStore(ABC):
         """(status, reason) of each session that exists, in one query."""
 
     @abstractmethod
+    def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
+        """Insert a session as open on ``nodename`` in one statement (creation without a
+        pending row); None if a session with that id exists (abandoned or taken)."""
+
+    @abstractmethod
+    def abandon_new(self, new: NewSession, reason: str) -> bool:
+        """Record a session nobody admitted as failed (``reason``); False if a session with
+        that id exists already (a worker admitted it after all)."""
+
+    @abstractmethod
     def abandon_pending(self, session_id: str, reason: str) -> bool:
         """Fail a pending, not moving session nobody admitted; False if it is not pending."""
 

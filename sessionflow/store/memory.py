@@ -247,6 +247,33 @@ class MemoryStore(SessionStore):
                 if (row := self._sessions.get(sid)) is not None
             }
 
+    def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
+        _utc(new.created_at)
+        with self._lock:
+            if new.id in self._sessions:
+                return None
+            stored = replace(new, metadata=_json(new.metadata), reducers=_json(new.reducers))
+            row = self._sessions[new.id] = _Session(stored)
+            now = self._now()
+            row.opened_at = now
+            row.deadline_at = now + timedelta(seconds=new.execution_timeout)
+            ttl = new.ttl
+            row.expires_at = None if ttl is None else new.created_at + timedelta(seconds=ttl)
+            row.status, row.reason = SessionStatus.OPEN, None
+            row.hostname, row.queue, row.last_activity_at = nodename, queue, now
+            return _record(row)
+
+    def abandon_new(self, new: NewSession, reason: str) -> bool:
+        _utc(new.created_at)
+        with self._lock:
+            if new.id in self._sessions:
+                return False
+            stored = replace(new, metadata=_json(new.metadata), reducers=_json(new.reducers))
+            row = self._sessions[new.id] = _Session(stored)
+            row.status, row.reason = SessionStatus.FAILED, reason
+            row.closed_at = row.settled_at = self._now()
+            return True
+
     def abandon_pending(self, session_id: str, reason: str) -> bool:
         with self._lock:
             row = self._sessions.get(session_id)
@@ -460,6 +487,21 @@ class MemoryStore(SessionStore):
                         started_at=None if last is None else last.started_at,
                         finished_at=(last.finished_at if last is not None else None)
                         or task.finished_at,
+                    )
+                )
+            for task_id, last in latest.items():  # registration not in the store yet
+                if task_id in self._tasks:
+                    continue
+                running = last.finished_at is None
+                out.append(
+                    TaskRecord(
+                        task_id=task_id,
+                        name=last.name,
+                        status=task_status(TaskStatus.PENDING.value, last.state, running),
+                        worker=last.worker,
+                        dispatched_at=last.started_at,
+                        started_at=last.started_at,
+                        finished_at=last.finished_at,
                     )
                 )
             return out

@@ -180,12 +180,17 @@ class Stack:
         concurrency: int = 2,
         wait: bool = True,
         extra: tuple[str, ...] = (),
+        app_module: str = "sfapp",
     ) -> WorkerProcess:
         old = self.workers.get(name)
         if old is not None and old.alive():
             raise RuntimeError(f"worker {name} is already running")
         worker = self.spawn_worker(
-            name, max_sessions=max_sessions, concurrency=concurrency, extra=extra
+            name,
+            max_sessions=max_sessions,
+            concurrency=concurrency,
+            extra=extra,
+            app_module=app_module,
         )
         self.workers[name] = worker
         if wait:
@@ -201,6 +206,7 @@ class Stack:
         extra: tuple[str, ...] = (),
         log_name: str | None = None,
         env: dict[str, str] | None = None,
+        app_module: str = "sfapp",  # a module on the workers' path (HERE or the stack root)
     ) -> WorkerProcess:
         """Start ``celery worker -n NAME@%h`` without registering it (for misuse tests)."""
         log_path = self.root / f"worker-{log_name or name}.log"
@@ -209,7 +215,7 @@ class Stack:
             "-m",
             "celery",
             "-A",
-            "sfapp",
+            app_module,
             "worker",
             "-n",
             f"{name}@%h",

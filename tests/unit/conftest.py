@@ -12,6 +12,9 @@ from harness import PG_ADMIN_URL, service_up
 from sessionflow.config import Config
 from sessionflow.store.sql import SQLStore
 
+# The contract suite is a package of test mixins: its failures show values, as tests' do.
+pytest.register_assert_rewrite("store_contract")
+
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_HOST = "127.0.0.1:5432"
 

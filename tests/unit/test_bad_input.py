@@ -64,9 +64,14 @@ def flow(
         flow = SessionFlow(app)
         if url.startswith("postgresql"):
             flow.store.upgrade()
+
         # An in-process "worker": admit at once, so creation does not wait for one.
-        flow._await_admission = lambda sid, *_: flow.store.admit(sid, "w@test", "q")  # type: ignore[method-assign]
-        flow.request_admission = lambda *a, **k: None  # type: ignore[method-assign]
+        def admit_now(session_id: str, *_: Any, new: Any = None, **__: Any) -> None:
+            if new is not None:
+                flow.store.open_new(new, "w@test", "q")
+
+        flow.request_admission = admit_now  # type: ignore[method-assign]
+        flow._await_admission = lambda *_: True  # type: ignore[method-assign]
         yield flow
         flow.close()
         app.close()
@@ -104,10 +109,12 @@ def counts(flow: SessionFlow) -> dict[str, int]:
 
 def check(flow: SessionFlow, call: Callable[[], Any]) -> None:
     """``call`` succeeds, or raises a SessionFlowError and changes no table."""
+    flow.registrar.flush()  # registrations of earlier calls land before we count
     before = counts(flow)
     try:
         call()
     except SessionFlowError:
+        flow.registrar.flush()
         assert counts(flow) == before
     except KeyError:  # state[key] of a missing key: the Mapping contract
         assert counts(flow) == before

@@ -18,17 +18,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, inspect
-
-from sessionflow.config import Config
-from sessionflow.enums import SessionStatus, TaskStatus
-from sessionflow.errors import StoreError
-from sessionflow.store import SessionStore, open_store
-from sessionflow.store.memory import MemoryStore
-from sessionflow.store.sql import SQLStore, migrate
-from sessionflow.store.sql.models import Base
-
-pytest.register_assert_rewrite("store_contract")  # its failures show values, as tests' do
-from store_contract import (  # noqa: E402
+from store_contract import (
     NODE,
     NODE2,
     QUEUE,
@@ -40,6 +30,14 @@ from store_contract import (  # noqa: E402
     send,
     statuses_of,
 )
+
+from sessionflow.config import Config
+from sessionflow.enums import SessionStatus, TaskStatus
+from sessionflow.errors import StoreError
+from sessionflow.store import SessionStore, open_store
+from sessionflow.store.memory import MemoryStore
+from sessionflow.store.sql import SQLStore, migrate
+from sessionflow.store.sql.models import Base
 
 PASSWORD = "s3cret-pw"
 # Tables the migrations build that no model describes.

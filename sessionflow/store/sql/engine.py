@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    SQLAlchemyError,
+)
 
 from ...config import Config
 from ...errors import InvalidArgument, SessionFlowError, StoreError
 from . import migrate
 
+_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 UPGRADE_HINT = "run `sessionflow db upgrade --url URL` (or `-A yourapp`) first"
 
 
@@ -57,7 +65,8 @@ class Engines:
         config = self.config
         try:
             if not config.is_sqlite:
-                engine = create_engine(config.database_url, pool_pre_ping=True)
+                engine = create_engine(config.database_url)
+                _ping_when_idle(engine)
                 return engine, engine
             return (
                 _sqlite_engine(config.database_url, immediate=True),
@@ -148,10 +157,11 @@ class Engines:
         """A connection in autocommit mode for one statement that is a transaction of its
         own: one round trip, with no BEGIN or COMMIT around it."""
         engine = self.get()[0]
-        with (
-            translated("write"),
-            engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
-        ):
+        # SQLite connections already run in the driver's autocommit mode (BEGIN comes from
+        # the "begin" listener): skipping that BEGIN is enough, and cheaper than switching
+        # the isolation level, which SQLAlchemy resets with a PRAGMA at every checkin.
+        options = {"sessionflow_single": True} if self.config.is_sqlite else _AUTOCOMMIT
+        with translated("write"), engine.connect().execution_options(**options) as conn:
             yield conn
 
 
@@ -188,6 +198,35 @@ def _reason(exc: DBAPIError) -> str:
     return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
 
 
+IDLE_PING = 5.0  # seconds a pooled connection may rest before it is tested on checkout
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Test a pooled connection on checkout only if it rested a while.
+
+    ``pool_pre_ping`` would cost a round trip before every statement; a connection in
+    steady use is known to be alive. One that broke anyway (the server restarted) fails
+    its statement, SQLAlchemy invalidates the pool, and the next call reconnects.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get("sessionflow_used")
+        if last is not None and time.monotonic() - last < IDLE_PING:
+            return
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_conn.rollback()  # leave no transaction open behind the ping
+        except Exception as exc:
+            raise DisconnectionError(f"stale connection: {type(exc).__name__}") from exc
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["sessionflow_used"] = time.monotonic()
+
+
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     engine = create_engine(url)
 
@@ -203,7 +242,7 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        if conn.get_execution_options().get("sessionflow_single"):
             return  # one statement, its own implicit transaction
         # Writers take the lock up front so two writers never deadlock on upgrade.
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -7,6 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import RowMapping, and_, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 
 from ...enums import Reason, SessionStatus
 from ...records import Ended, NewSession, SessionRecord, utcnow
@@ -16,6 +19,37 @@ from .models import sessions, workers
 S = sessions.c
 _OPEN, _PENDING = SessionStatus.OPEN.value, SessionStatus.PENDING.value
 _ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
+
+
+def _values(new: NewSession, status: str) -> dict[str, Any]:
+    """The columns of a new session row."""
+    return {
+        "id": new.id,
+        "status": status,
+        "turns": 0,
+        "created_at": new.created_at,
+        "creation_timeout": new.creation_timeout,
+        "execution_timeout": new.execution_timeout,
+        "heartbeat_timeout": new.heartbeat_timeout,
+        "user_id": new.user_id,
+        "agent_id": new.agent_id,
+        "metadata": new.metadata,
+        "ttl": new.ttl,
+        "idle_timeout": new.idle_timeout,
+        "max_turns": new.max_turns,
+        "survive_restart": new.survive_restart,
+        "affinity": new.affinity,
+        "merge_policy": new.merge_policy,
+        "reducers": new.reducers,
+        "target_worker": new.target_worker,
+        "recreated_from": new.recreated_from,
+    }
+
+
+def _insert_new(conn: Connection, values: dict[str, Any]) -> Any:
+    """INSERT ... ON CONFLICT (id) DO NOTHING: of two racing inserts, one wins."""
+    insert_ = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    return insert_(sessions).values(**values).on_conflict_do_nothing(index_elements=[S.id])
 
 
 def session_record(row: RowMapping) -> SessionRecord:
@@ -57,29 +91,31 @@ class SessionsSQL:
     engines: Engines
 
     def create_pending(self, new: NewSession) -> None:
-        values: dict[str, Any] = {
-            "id": new.id,
-            "status": _PENDING,
-            "turns": 0,
-            "created_at": new.created_at,
-            "creation_timeout": new.creation_timeout,
-            "execution_timeout": new.execution_timeout,
-            "heartbeat_timeout": new.heartbeat_timeout,
-            "user_id": new.user_id,
-            "agent_id": new.agent_id,
-            "metadata": new.metadata,
-            "ttl": new.ttl,
-            "idle_timeout": new.idle_timeout,
-            "max_turns": new.max_turns,
-            "survive_restart": new.survive_restart,
-            "affinity": new.affinity,
-            "merge_policy": new.merge_policy,
-            "reducers": new.reducers,
-            "target_worker": new.target_worker,
-            "recreated_from": new.recreated_from,
-        }
         with self.engines.single() as conn:
-            conn.execute(insert(sessions).values(**values))
+            conn.execute(insert(sessions).values(**_values(new, _PENDING)))
+
+    def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
+        now = utcnow()
+        values = _values(new, _OPEN)
+        values.update(
+            hostname=nodename,
+            queue=queue,
+            opened_at=now,
+            last_activity_at=now,
+            deadline_at=now + timedelta(seconds=new.execution_timeout),
+            expires_at=None if new.ttl is None else new.created_at + timedelta(seconds=new.ttl),
+        )
+        with self.engines.single() as conn:
+            row = conn.execute(_insert_new(conn, values).returning(sessions)).mappings().first()
+        return None if row is None else session_record(row)
+
+    def abandon_new(self, new: NewSession, reason: str) -> bool:
+        now = utcnow()
+        values = _values(new, SessionStatus.FAILED.value)
+        values.update(reason=reason, closed_at=now, settled_at=now)
+        with self.engines.single() as conn:
+            row = conn.execute(_insert_new(conn, values).returning(S.id)).first()
+        return row is not None
 
     def get_session(self, session_id: str, *, with_heartbeat: bool = False) -> SessionRecord | None:
         query = select(sessions).where(S.id == session_id)

@@ -21,10 +21,12 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     delete,
     exists,
     func,
+    literal,
     not_,
     or_,
     select,
@@ -55,6 +57,17 @@ _dispatches = Table(  # SQLite only; its triggers do the work
     Column("at", UTCDateTime),
 )
 
+_SQLITE_DISPATCH = (
+    _dispatches.insert()
+    .values(
+        session_id=bindparam("sid"),
+        n=bindparam("n"),
+        tasks=bindparam("tasks"),
+        groups=bindparam("groups"),
+        at=bindparam("at", type_=UTCDateTime()),
+    )
+    .returning(select(S.queue).where(S.id == bindparam("sid")).scalar_subquery())
+)
 _PG_DISPATCH = text(
     """
     WITH s AS (
@@ -139,18 +152,14 @@ class TasksSQL:
                 }
                 queue: str | None = conn.execute(_PG_DISPATCH, params).scalar()
                 return queue
-            stmt = (
-                _dispatches.insert()
-                .values(
-                    session_id=dispatch.session_id,
-                    n=len(tasks),
-                    tasks=json.dumps(tasks),
-                    groups=json.dumps(groups),
-                    at=dispatch.at,
-                )
-                .returning(select(S.queue).where(S.id == dispatch.session_id).scalar_subquery())
-            )
-            queue = conn.execute(stmt).scalar()
+            params = {
+                "sid": dispatch.session_id,
+                "n": len(tasks),
+                "tasks": json.dumps(tasks),
+                "groups": json.dumps(groups),
+                "at": dispatch.at,
+            }
+            queue = conn.execute(_SQLITE_DISPATCH, params).scalar()
             return queue
 
     def undo_dispatch(self, dispatch: Dispatch) -> None:
@@ -206,6 +215,7 @@ class TasksSQL:
                 func.row_number()
                 .over(partition_by=R.task_id, order_by=(R.attempt.desc(), R.id.desc()))
                 .label("n"),
+                R.name,
             )
             .where(R.session_id == session_id)
             .subquery()
@@ -230,8 +240,24 @@ class TasksSQL:
             .where(T.session_id == session_id)
             .order_by(T.dispatched_at, T.task_id)
         )
+        # Tasks whose registration has not reached the store yet: known from their runs.
+        unregistered = (
+            select(
+                latest.c.task_id,
+                latest.c.name,
+                literal(TaskStatus.PENDING.value).label("state"),
+                latest.c.started_at.label("dispatched_at"),
+                literal(None).label("settled_at"),
+                latest.c.state.label("run_state"),
+                latest.c.worker,
+                latest.c.started_at,
+                latest.c.finished_at,
+            )
+            .where(latest.c.n == 1)
+            .where(not_(exists().where(T.task_id == latest.c.task_id)))
+        )
         with self.engines.read() as conn:
-            rows = conn.execute(query).all()
+            rows = list(conn.execute(query).all()) + list(conn.execute(unregistered).all())
         out = []
         for row in rows:
             running = row.run_state is not None and row.finished_at is None

@@ -113,11 +113,19 @@ class RunsContract(Contract):
         store.record_runs([run(session_id, "t1", state)])
         assert statuses_of(store, session_id) == {"t1": status}
 
-    def test_runs_of_unregistered_tasks_are_history_only(self, store: SessionStore) -> None:
+    def test_runs_of_tasks_not_registered_yet_are_listed(self, store: SessionStore) -> None:
+        """A single task's registration comes in a batch after it was sent: its run may
+        reach the store first. tasks() lists it from the run; registration adds nothing."""
         session_id = opened(store)
-        store.record_runs([run(session_id, "adopted", "SUCCESS")])
-        assert store.tasks(session_id) == []
-        assert [r.task_id for r in store.history(session_id, None, 10)] == ["adopted"]
+        store.record_runs([run(session_id, "early", "SUCCESS"), run(session_id, "now")])
+        assert statuses_of(store, session_id) == {
+            "early": TaskStatus.SUCCEEDED,
+            "now": TaskStatus.STARTED,
+        }
+        assert [r.task_id for r in store.history(session_id, None, 10)] == ["early"]
+        send(store, session_id, "early")
+        assert statuses_of(store, session_id)["early"] is TaskStatus.SUCCEEDED
+        assert len(store.tasks(session_id)) == 2
 
     def test_record_runs_of_an_unknown_session_writes_nothing(self, store: SessionStore) -> None:
         session_id = opened(store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from sessionflow.enums import Reason, SessionStatus, TaskStatus
 from sessionflow.errors import StoreError
-from sessionflow.records import utcnow
+from sessionflow.records import NewSession, utcnow
 from sessionflow.store.base import SessionStore
 from sessionflow.store.sql.migrate import head_revision
 
@@ -26,6 +27,7 @@ from .helpers import (
     register,
     run,
     send,
+    sid,
     statuses_of,
 )
 
@@ -192,6 +194,67 @@ class SessionsContract(Contract):
         assert store.abandon_pending("no-such-session", "x") is False
         assert store.abandon_pending(opened(store), "creation_timeout") is False
         assert store.unsettled() == []
+
+    def test_open_new_inserts_an_open_session_once(self, store: SessionStore) -> None:
+        created = utcnow() - timedelta(seconds=5)
+        new = NewSession(
+            id=sid(),
+            created_at=created,
+            creation_timeout=10.0,
+            execution_timeout=60.0,
+            ttl=100.0,
+            user_id="u",
+            metadata={"k": [1]},
+        )
+        before = store.clock()
+        record = store.open_new(new, NODE, QUEUE)
+        assert record is not None and record.id == new.id
+        assert (record.status, record.hostname, record.queue) == (SessionStatus.OPEN, NODE, QUEUE)
+        assert record.opened_at is not None and close_to(record.opened_at, before)
+        assert record.deadline_at == record.opened_at + timedelta(seconds=60)
+        assert record.expires_at == created + timedelta(seconds=100)
+        assert (record.user_id, record.metadata) == ("u", {"k": [1]})
+        assert store.open_new(new, NODE2, QUEUE2) is None  # one insert wins
+        assert store.abandon_new(new, "creation_timeout") is False  # admitted: stays open
+        found = store.get_session(new.id)
+        assert found is not None and (found.status, found.hostname) == (SessionStatus.OPEN, NODE)
+
+    def test_abandon_new_records_the_failure_once(self, store: SessionStore) -> None:
+        new = NewSession(id=sid(), created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0)
+        assert store.abandon_new(new, "creation_timeout") is True
+        assert store.open_new(new, NODE, QUEUE) is None  # a late worker cannot open it
+        found = store.get_session(new.id)
+        assert found is not None
+        assert (found.status, found.reason, found.opened_at) == (
+            SessionStatus.FAILED,
+            "creation_timeout",
+            None,
+        )
+        assert found.settled and store.unsettled() == []
+        assert store.abandon_new(new, "creation_timeout") is False
+
+    def test_open_new_vs_abandon_new_from_threads(self, store: SessionStore) -> None:
+        def race(new: NewSession) -> list[object]:
+            results: list[object] = []
+            threads = [
+                threading.Thread(target=lambda: results.append(store.open_new(new, NODE, QUEUE))),
+                threading.Thread(
+                    target=lambda: results.append(store.abandon_new(new, "creation_timeout"))
+                ),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            return results
+
+        for _ in range(10):
+            new = NewSession(
+                id=sid(), created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0
+            )
+            results = race(new)
+            winners = [r for r in results if r is not None and r is not False]
+            assert len(winners) == 1, results  # exactly one of the two inserts happened
 
     def test_abandon_pending_refuses_a_moving_session(self, store: SessionStore) -> None:
         session_id = opened(store, affinity="soft")

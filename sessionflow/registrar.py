@@ -1,0 +1,135 @@
+"""Group commit of task registrations on the client side.
+
+A single task sent through a session without ``max_turns`` is not registered
+before it is sent: the worker's gate proves it genuine from its signature header,
+and its registration (which lets a sweeper resolve it if its worker dies) is
+buffered here and written by a background thread, one statement per session
+every ``FLUSH_INTERVAL`` seconds — so sending costs no store round trip.
+
+If the session ended before a registration reached the store, the store refuses
+it and the tasks get their SessionClosed/SessionFailed result here (a task that
+finished keeps its own result): whatever the order of events, no caller waits
+forever. Canvases, sessions with ``max_turns`` and tasks that need a branch
+snapshot are registered synchronously, in one statement, before they are sent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+
+from .errors import SessionFlowError, ended_error
+from .records import Dispatch
+from .results import Resolver
+from .store import SessionStore
+
+logger = logging.getLogger("sessionflow")
+FLUSH_INTERVAL = 0.02  # seconds
+_ALL: weakref.WeakSet[Registrar] = weakref.WeakSet()
+
+
+class Registrar:
+    """Buffers registrations of sent tasks and writes them from its own thread."""
+
+    def __init__(self, store: SessionStore, resolver: Resolver) -> None:
+        self.store = store
+        self.resolver = resolver
+        self._lock = threading.Condition()
+        self._pending: dict[str, list[tuple[str, str | None]]] = {}
+        self._flushing = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self.failures = 0
+        _ALL.add(self)
+
+    def add(self, session_id: str, tasks: tuple[tuple[str, str | None], ...]) -> None:
+        with self._lock:
+            self._pending.setdefault(session_id, []).extend(tasks)
+        self._ensure_thread()
+
+    def discard(self, session_id: str, task_ids: set[str]) -> None:
+        """Forget tasks whose message could not be sent."""
+        with self._lock:
+            kept = [t for t in self._pending.get(session_id, []) if t[0] not in task_ids]
+            if kept:
+                self._pending[session_id] = kept
+            else:
+                self._pending.pop(session_id, None)
+
+    def _ensure_thread(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid and self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._pid == pid and self._thread is not None and self._thread.is_alive():
+                return
+            self._pid = pid
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, name="sessionflow-registrar", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            try:
+                self.flush()
+            except SessionFlowError as exc:  # the store is away: keep the rows, retry
+                logger.warning("sessionflow: cannot register sent tasks yet: %s", exc)
+                self._stop.wait(0.5)
+            except Exception:
+                logger.exception("sessionflow: registering sent tasks failed")
+
+    def flush(self, session_id: str | None = None) -> None:
+        """Write what is buffered (for one session, or all); raises StoreError and keeps
+        the rows if the store fails."""
+        with self._flushing:
+            with self._lock:
+                ids = [session_id] if session_id is not None else list(self._pending)
+                batches = {sid: list(self._pending.get(sid, ())) for sid in ids}
+            for sid, tasks in batches.items():
+                if not tasks:
+                    continue
+                queue = self.store.dispatch(Dispatch(sid, tuple(tasks)))
+                with self._lock:
+                    rest = self._pending.get(sid, [])[len(tasks) :]
+                    if rest:
+                        self._pending[sid] = rest
+                    else:
+                        self._pending.pop(sid, None)
+                if queue is None:
+                    self._refused(sid, [task_id for task_id, _ in tasks])
+
+    def _refused(self, session_id: str, task_ids: list[str]) -> None:
+        """The session ended before these registrations arrived: give them their result."""
+        found = self.store.statuses([session_id]).get(session_id)
+        status, reason = (found[0].value, found[1]) if found else (None, None)
+        self.resolver.store_failures(task_ids, ended_error(session_id, status, reason))
+
+    def close(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        try:
+            self.flush()
+        except Exception as exc:
+            logger.error("sessionflow: %d registrations not written: %s", self.pending(), exc)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(tasks) for tasks in self._pending.values())
+
+
+@atexit.register
+def _flush_all() -> None:  # a client that exits right after sending still registers
+    for registrar in list(_ALL):
+        if registrar._pid == os.getpid():
+            registrar.close()
+
+
+__all__ = ["FLUSH_INTERVAL", "Registrar"]
