@@ -42,8 +42,22 @@ _ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "exchange_type")
 _detached = threading.local()
 
 
-def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:
-    """Turn a task or signature plus call arguments into a fresh signature."""
+#: Options that override a route a task class declares (``@app.task(queue=...)``).
+NO_ROUTE: dict[str, Any] = {key: None for key in _ROUTING_OPTIONS}
+_QUEUES: dict[str, Queue] = {}
+
+
+def is_task(obj: Any) -> bool:
+    """A registered Celery task (not a signature or canvas)."""
+    return (
+        not isinstance(obj, Signature)
+        and callable(getattr(obj, "apply_async", None))
+        and isinstance(getattr(obj, "name", None), str)
+    )
+
+
+def check_call(args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:
+    """Refuse call arguments and options a session task cannot take."""
     if not isinstance(args, (list, tuple)):
         raise InvalidArgument(f"args must be a list or tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -55,6 +69,11 @@ def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]
             "session runs on the session's worker. Drop the option, or send the task "
             "outside the session."
         )
+
+
+def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:
+    """Turn a task or signature plus call arguments into a fresh signature."""
+    check_call(args, kwargs, options)
     if isinstance(obj, Signature):
         return obj.clone(tuple(args), dict(kwargs or {}), **options)
     if callable(getattr(obj, "signature", None)) and hasattr(obj, "name"):
@@ -189,7 +208,10 @@ def route_session_task(
     run = current_run()
     if run is not None and run.queue and run.session_id == headers.get(SESSION_HEADER):
         queue = run.queue  # sent from a task of the session: its queue may have moved
-    return {"queue": Queue(queue, routing_key=queue), "exchange": "", "routing_key": queue}
+    found = _QUEUES.get(queue)
+    if found is None:
+        found = _QUEUES[queue] = Queue(queue, routing_key=queue)
+    return {"queue": found, "exchange": "", "routing_key": queue}
 
 
 def make_queue(name: str) -> Queue:

@@ -41,7 +41,7 @@ class Config:
     state_max_session_bytes: int = 16_777_216
     history_max_runs: int = 1000
     retention: float | None = 7 * 24 * 3600.0
-    flush_interval: float = 0.02
+    flush_interval: float = 0.1
 
     def __repr__(self) -> str:
         shown = {

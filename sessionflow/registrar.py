@@ -27,7 +27,7 @@ from .results import Resolver
 from .store import SessionStore
 
 logger = logging.getLogger("sessionflow")
-FLUSH_INTERVAL = 0.02  # seconds
+FLUSH_INTERVAL = 0.05  # seconds
 _ALL: weakref.WeakSet[Registrar] = weakref.WeakSet()
 
 

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from celery.result import AsyncResult, GroupResult
+from celery.utils import uuid
 
 from . import branches, canvas, limits, tokens
 from .enums import Reason, SessionState, SessionStatus
@@ -120,6 +121,10 @@ class Session:
         """
         if "task_id" in options:
             limits.text("task_id", options["task_id"])
+        if canvas.is_task(obj):
+            quick = self._send_task_quickly(obj, args, kwargs, options)
+            if quick is not None:
+                return quick
         sig = canvas.build_signature(obj, args, kwargs, options)
         sig.freeze()
         tasks = tuple((leaf.id, leaf.task) for leaf in canvas.leaves(sig))
@@ -157,6 +162,37 @@ class Session:
             except Exception:
                 logger.exception("sessionflow: could not take back the turns of %s", self.id)
             raise
+        return result
+
+    def _send_task_quickly(
+        self, task: Any, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> AsyncResult | None:
+        """A plain task of a session without ``max_turns``: sent as ``task.apply_async``
+        would, with the session's headers, and no store round trip (None: take the
+        general path)."""
+        canvas.check_call(args, kwargs, options)
+        record = self._open_record()
+        if record.max_turns is not None or not record.queue:
+            return None
+        task_id = options.pop("task_id", None) or uuid()
+        limits.text("task name", task.name, optional=True)
+        headers = dict(options.pop("headers", None) or {})
+        headers.update(
+            {
+                canvas.SESSION_HEADER: self.id,
+                canvas.QUEUE_HEADER: record.queue,
+                canvas.SIG_HEADER: tokens.sign_task(self._flow.signing_key, self.id, task_id),
+            }
+        )
+        result: AsyncResult = task.apply_async(
+            tuple(args),
+            dict(kwargs or {}),
+            task_id=task_id,
+            headers=headers,
+            **canvas.NO_ROUTE,
+            **options,
+        )
+        self._flow.registrar.add(self.id, ((task_id, task.name),))
         return result
 
     def delay(self, task: Any, *args: Any, **kwargs: Any) -> AsyncResult | GroupResult:

@@ -145,7 +145,7 @@ class Gate:
         def on_accepted(*args: Any, **kwargs: Any) -> None:
             began.append(utcnow())
             self.live.started(session_id, task_id)
-            self.writer.started(run(RUN_STARTED, finished=False))
+            self.writer.started((task_id, attempt), lambda: run(RUN_STARTED, finished=False))
 
         def on_result(result: Any, *args: Any, **kwargs: Any) -> None:
             try:

@@ -2,7 +2,7 @@
 
 The worker main process sees every start and end of its pool's tasks (Celery's
 pool callbacks); they are buffered here and written together every
-``sessionflow_flush_interval`` seconds (default 0.02) or ``MAX_ROWS`` rows, as
+``sessionflow_flush_interval`` seconds (default 0.1) or ``FLUSH_ROWS`` rows, as
 River's completer, Hatchet's buffers and Graphile Worker's batches do. A start
 is written only if the task is still running ``START_DELAY`` after it began, so a
 short task costs one row.
@@ -20,12 +20,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ..records import Run
 from ..store import SessionStore
 
 logger = logging.getLogger("sessionflow.worker")
-MAX_ROWS = 500
+MAX_ROWS = 500  # rows in one statement
+FLUSH_ROWS = 64  # this many ends waiting flush at once, whatever the interval
 START_DELAY = 0.02  # seconds a run must last before its start is written on its own
 BACKLOG = 100_000  # rows kept while the store is unreachable; older ones are dropped
 
@@ -33,23 +35,24 @@ BACKLOG = 100_000  # rows kept while the store is unreachable; older ones are dr
 class Writer:
     """Buffers runs and writes them in batches from its own thread."""
 
-    def __init__(self, store: SessionStore, interval: float = 0.02) -> None:
+    def __init__(self, store: SessionStore, interval: float = 0.1) -> None:
         self.store = store
         self.interval = interval
         self.dropped = 0  # rows lost to a store outage longer than the backlog (logged)
         self.flushes = 0
         self._lock = threading.Condition()
         self._ends: deque[Run] = deque()
-        self._starts: dict[tuple[str, int], tuple[float, Run]] = {}
+        self._starts: dict[tuple[str, int], tuple[float, Callable[[], Run]]] = {}
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- feeding (event loop, pool callbacks) -------------------------------------------
 
-    def started(self, run: Run) -> None:
+    def started(self, key: tuple[str, int], make: Callable[[], Run]) -> None:
+        """A run began; ``make()`` builds its record if it is still running at a flush."""
         with self._lock:
-            self._starts[(run.task_id, run.attempt)] = (time.monotonic(), run)
+            self._starts[key] = (time.monotonic(), make)
 
     def finished(self, run: Run) -> None:
         with self._lock:
@@ -58,7 +61,7 @@ class Writer:
             if len(self._ends) > BACKLOG:
                 self._ends.popleft()
                 self.dropped += 1
-            if len(self._ends) >= MAX_ROWS:
+            if len(self._ends) >= FLUSH_ROWS:
                 self._lock.notify()
 
     # -- writing ------------------------------------------------------------------------
@@ -92,11 +95,12 @@ class Writer:
             with self._lock:
                 batch = list(self._ends)[: MAX_ROWS * 4]
                 now = time.monotonic()
-                starts = [
-                    run
-                    for since, run in self._starts.values()
+                young = [
+                    (key, make)
+                    for key, (since, make) in self._starts.items()
                     if include_young or now - since >= START_DELAY
                 ]
+            starts = [make() for _, make in young]
             rows = batch + starts
             if not rows:
                 return
@@ -105,10 +109,9 @@ class Writer:
             with self._lock:
                 for _ in range(len(batch)):
                     self._ends.popleft()
-                for run in starts:  # written; its end will update the same row
-                    key = (run.task_id, run.attempt)
+                for key, make in young:  # written; its end will update the same row
                     entry = self._starts.get(key)
-                    if entry is not None and entry[1] is run:
+                    if entry is not None and entry[1] is make:
                         del self._starts[key]
             self.flushes += 1
 

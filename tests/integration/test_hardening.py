@@ -75,6 +75,9 @@ def test_forged_session_headers_are_refused(stack: Stack, flow: SessionFlow) -> 
     info = s.info
     assert "forged" not in s.state  # the session's state was never touched
     assert (info.turns, info.state) == (1, SessionState.OPEN)  # forged runs cost no turn
+    # Runs reach the history in the worker's next flush (sessionflow_flush_interval).
+    wait_until(lambda: s.history(), 10, "the genuine run in the history")
+    time.sleep(0.3)
     assert [r.task_id for r in s.history()] == [genuine.id]
     s.complete()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from sqlalchemy import exists, func, insert, or_, select, update
+from sqlalchemy import exists, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -14,7 +15,7 @@ from ...enums import SessionStatus, WorkerStatus
 from ...errors import NodeNameInUse, StoreError
 from ...records import WorkerRecord, utcnow
 from .engine import Engines
-from .models import leases, meta, sessions, workers
+from .models import UTCDateTime, leases, meta, sessions, workers
 
 W, S, L = workers.c, sessions.c, leases.c
 _ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
@@ -26,6 +27,20 @@ def db_now(conn: Connection) -> datetime:
         value: datetime = conn.execute(select(func.now())).scalar_one()
         return aware(value)
     return utcnow()
+
+
+def _now_and(conn: Connection, seconds: float) -> tuple[Any, Any]:
+    """(now, now + seconds) as SQL on PostgreSQL (the store's clock), values on SQLite."""
+    if conn.dialect.name == "postgresql":
+        now = func.now()
+        return now, now + timedelta(seconds=seconds)
+    value = utcnow()
+    return value, value + timedelta(seconds=seconds)
+
+
+def literal_column_now(now: Any) -> Any:
+    """``now`` (SQL or a value) as a result column named ``now``."""
+    return (now if not isinstance(now, datetime) else literal(now, UTCDateTime())).label("now")
 
 
 def aware(value: datetime) -> datetime:
@@ -121,14 +136,18 @@ class WorkersSQL:
             exists().where(S.hostname == W.nodename, S.status.in_(_ENDED), S.settled_at.is_(None)),
         )
         with self.engines.read() as conn:
-            now = db_now(conn)
+            now, _ = _now_and(conn, 0)  # PostgreSQL: the store's clock, in the same query
             rows = conn.execute(
-                select(W.nodename, W.last_heartbeat_at, W.status).where(
+                select(W.nodename, W.last_heartbeat_at, W.status, literal_column_now(now)).where(
                     W.last_heartbeat_at < now - timedelta(seconds=min_age), has_work
                 )
             ).all()
         return [
-            (r.nodename, (now - aware(r.last_heartbeat_at)).total_seconds(), WorkerStatus(r.status))
+            (
+                r.nodename,
+                (aware(r.now) - aware(r.last_heartbeat_at)).total_seconds(),
+                WorkerStatus(r.status),
+            )
             for r in rows
         ]
 
@@ -160,10 +179,19 @@ class WorkersSQL:
     # -- leases -------------------------------------------------------------------
 
     def take_lease(self, name: str, holder: str, ttl: float) -> bool:
+        # The common case (renewing, or taking an expired lease) is one statement.
+        with self.engines.single() as conn:
+            now, until = _now_and(conn, ttl)
+            renewed = conn.execute(
+                update(leases)
+                .where(L.name == name, or_(L.holder == holder, L.expires_at < now))
+                .values(holder=holder, expires_at=until)
+            ).rowcount
+        if renewed:
+            return True
         try:
             with self.engines.write() as conn:
-                now = db_now(conn)
-                until = now + timedelta(seconds=ttl)
+                now, until = _now_and(conn, ttl)
                 taken = conn.execute(
                     update(leases)
                     .where(L.name == name, or_(L.holder == holder, L.expires_at < now))
