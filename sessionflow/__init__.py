@@ -17,14 +17,17 @@ from .errors import (
     SessionFailed,
     SessionFlowError,
     SessionNotFound,
+    SessionStillPending,
     SessionTaskLost,
     SessionTaskRefused,
+    SessionUnplaceable,
     StateConflict,
     StateValueError,
     StoreError,
     TurnLimitExceeded,
 )
 from .flow import SessionFlow
+from .pending import SessionRequest
 from .records import RunRecord
 from .session import Session, SessionInfo
 from .state import State
@@ -39,6 +42,7 @@ __all__ = [
     "Session",
     "SessionFlow",
     "SessionInfo",
+    "SessionRequest",
     "SessionState",
     "current_session",
     "detached",
@@ -57,8 +61,10 @@ __all__ = [
     "SessionFailed",
     "SessionFlowError",
     "SessionNotFound",
+    "SessionStillPending",
     "SessionTaskLost",
     "SessionTaskRefused",
+    "SessionUnplaceable",
     "StateConflict",
     "StateValueError",
     "StoreError",

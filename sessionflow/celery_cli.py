@@ -3,8 +3,8 @@
 Registered through the ``celery.commands`` entry point (as Flower registers
 ``celery flower``); Celery hands the app over as ``ctx.obj.app``. Each command
 parses, calls :mod:`sessionflow.ops`, and prints the result: an aligned table for
-people, or JSON with ``--json``. Exit codes: 0 ok, 1 an error (one line on
-stderr), 2 a usage error.
+people (rendered by :mod:`sessionflow.cli_render`), or JSON with ``--json``. Exit
+codes: 0 ok, 1 an error (one line on stderr), 2 a usage error.
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from . import ops
+from .cli_render import (
+    duration,
+    render_db,
+    render_ended,
+    render_list,
+    render_prune,
+    render_show,
+    render_workers,
+    table,
+)
 from .enums import Reason, SessionStatus
 from .errors import SessionFlowError
 from .flow import SessionFlow
 
 F = TypeVar("F", bound=Callable[..., Any])
-EMPTY = "-"
 
 
 # -- plumbing ----------------------------------------------------------------------------
@@ -91,51 +100,6 @@ def _emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else render(data))
 
 
-# -- formatting ----------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns aligned under upper-case headers; ``-`` for nothing."""
-    cells = [[EMPTY if c is None or c == "" else str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = [list(headers), *cells]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
-
-
-def duration(seconds: float | None) -> str:
-    """``7ms``, ``4.2s``, ``42s``, ``5m07s``, ``3h02m``, ``2d04h``."""
-    if seconds is None:
-        return EMPTY
-    seconds = max(seconds, 0.0)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
-def timestamp(value: str | None) -> str:
-    """An ISO timestamp from :mod:`ops` as ``2030-01-01 12:00:00Z``."""
-    return EMPTY if not value else value[:19].replace("T", " ") + "Z"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _size(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
-
-
 # -- the group ------------------------------------------------------------------------------
 
 
@@ -184,31 +148,6 @@ def list_cmd(
     _emit(data, as_json, render_list)
 
 
-def render_list(data: dict[str, Any]) -> str:
-    found = data["sessions"]
-    if not found:
-        return "no sessions match"
-    text = table(
-        ["SESSION", "STATE", "WORKER", "USER", "AGENT", "TURNS", "AGE", "REASON"],
-        [
-            [
-                s["session_id"],
-                s["state"] + (" (moving)" if s["moving"] else ""),
-                s["hostname"],
-                s["user_id"],
-                s["agent_id"],
-                s["turns"] if s["max_turns"] is None else f"{s['turns']}/{s['max_turns']}",
-                duration(s["age"]),
-                s["reason"],
-            ]
-            for s in found
-        ],
-    )
-    if data["more"]:
-        text += f"\n(the newest {data['limit']} shown; more match: raise --limit)"
-    return text
-
-
 @sessions.command("show")
 @click.argument("session_id")
 @click.option("--values", is_flag=True, help="Show state values, not only keys and sizes.")
@@ -224,93 +163,6 @@ def show_cmd(
     _emit(data, as_json, render_show)
 
 
-def render_show(data: dict[str, Any]) -> str:
-    s = data["session"]
-    info = [
-        ("session", s["session_id"]),
-        ("state", s["state"] + (" (moving to another worker)" if s["moving"] else "")),
-        ("reason", s["reason"]),
-        ("worker", s["hostname"]),
-        ("queue", s["queue"]),
-        ("user", s["user_id"]),
-        ("agent", s["agent_id"]),
-        ("turns", s["turns"] if s["max_turns"] is None else f"{s['turns']} of {s['max_turns']}"),
-        ("created", f"{timestamp(s['created_at'])} ({duration(s['age'])} ago)"),
-        ("opened", timestamp(s["opened_at"])),
-        ("deadline", timestamp(s["deadline_at"])),
-        ("closed", timestamp(s["closed_at"])),
-        ("heartbeat", f"{duration(s['heartbeat_age'])} ago" if s["heartbeat_age"] else None),
-        ("metadata", json.dumps(s["metadata"]) if s["metadata"] else None),
-    ]
-    width = max(len(k) for k, _ in info)
-    parts = ["\n".join(f"{k:<{width}}  {EMPTY if v in (None, '') else v}" for k, v in info)]
-    tasks = data["tasks"]
-    parts.append(
-        f"{plural(len(tasks), 'task')}\n"
-        + (
-            table(
-                ["TASK", "NAME", "STATUS", "WORKER", "DISPATCHED", "STARTED", "FINISHED"],
-                [
-                    [
-                        t["task_id"],
-                        t["name"],
-                        t["status"],
-                        t["worker"],
-                        timestamp(t["dispatched_at"]),
-                        timestamp(t["started_at"]),
-                        timestamp(t["finished_at"]),
-                    ]
-                    for t in tasks
-                ],
-            )
-            if tasks
-            else "no tasks"
-        )
-    )
-    runs = data["history"]
-    parts.append(
-        f"history: {plural(len(runs), 'run')}\n"
-        + (
-            table(
-                ["TASK", "NAME", "STATE", "WORKER", "STARTED", "RUNTIME", "ERROR"],
-                [
-                    [
-                        r["task_id"],
-                        r["name"],
-                        r["state"],
-                        r["worker"],
-                        timestamp(r["started_at"]),
-                        duration(r["runtime"]),
-                        r["error"],
-                    ]
-                    for r in runs
-                ],
-            )
-            if runs
-            else "no runs"
-        )
-    )
-    keys = data["state"]
-    with_values = any("value" in k for k in keys)
-    headers = ["KEY", "SCOPE", "SIZE", "VERSION"] + (["VALUE"] if with_values else [])
-    parts.append(
-        f"state: {plural(len(keys), 'key')}\n"
-        + (
-            table(
-                headers,
-                [
-                    [k["key"], k["scope"], _size(k["size"]), k["version"]]
-                    + ([json.dumps(k.get("value"))] if with_values else [])
-                    for k in keys
-                ],
-            )
-            if keys
-            else "no keys"
-        )
-    )
-    return "\n\n".join(parts)
-
-
 def _end(
     ctx: click.Context, ids: Sequence[str], status: SessionStatus, reason: str, as_json: bool
 ) -> None:
@@ -320,22 +172,6 @@ def _end(
     if failed:
         what = ", ".join(f"{r['session_id']} ({r['outcome'].replace('_', ' ')})" for r in failed)
         raise click.ClickException(f"{len(failed)} of {len(results)} not ended: {what}")
-
-
-def render_ended(results: list[dict[str, Any]]) -> str:
-    shown = {
-        "ended": "ended",
-        "already_ended": "had ended",
-        "not_open": "not open yet",
-        "not_found": "not found",
-    }
-    return table(
-        ["SESSION", "RESULT", "STATE", "REASON", "WORKER"],
-        [
-            [r["session_id"], shown[r["outcome"]], r["state"], r["reason"], r["hostname"]]
-            for r in results
-        ],
-    )
 
 
 @sessions.command("complete")
@@ -381,52 +217,6 @@ def workers_cmd(ctx: click.Context, names: tuple[str, ...], timeout: float, as_j
     _emit(data, as_json, render_workers)
 
 
-def render_workers(data: dict[str, Any]) -> str:
-    rows = []
-    for w in data["workers"]:
-        store, live = w["store"] or {}, w["live"]
-        if live is not None:
-            admission = "paused" if live["admission_paused"] else "taking requests"
-            free = live["free"]
-        else:
-            admission = f"error: {w['live_error']}" if w["live_error"] else "no answer"
-            free = store.get("free")
-        rows.append(
-            [
-                w["nodename"],
-                store.get("status", "not in store"),
-                duration(store.get("heartbeat_age")) if store else None,
-                store.get("pid"),
-                f"{store.get('cap', EMPTY)}/{EMPTY if live is None else live['cap']}",
-                f"{store.get('open', EMPTY)}/{EMPTY if live is None else live['open']}",
-                free,
-                admission,
-            ]
-        )
-    if not rows:
-        text = "no workers match"
-    else:
-        text = table(
-            [
-                "WORKER",
-                "STATUS",
-                "HEARTBEAT",
-                "PID",
-                "CAP STORE/LIVE",
-                "OPEN STORE/LIVE",
-                "FREE",
-                "ADMISSION",
-            ],
-            rows,
-        )
-    if not data["answered"]:
-        text += (
-            f"\nno worker answered `inspect sessions` within {data['timeout']} s "
-            "(are they running, on this broker, with SessionFlow(app)?)"
-        )
-    return text
-
-
 @sessions.command("prune")
 @click.option(
     "--older-than",
@@ -442,19 +232,6 @@ def prune_cmd(ctx: click.Context, older_than: float | None, yes: bool, as_json: 
     """What retention deletes: ended sessions with their tasks, runs and state."""
     data = ops.prune(_flow(ctx), older_than=older_than, apply=yes)
     _emit(data, as_json, render_prune)
-
-
-def render_prune(data: dict[str, Any]) -> str:
-    when = f"ended before {timestamp(data['ended_before'])} ({duration(data['older_than'])} ago)"
-    if not data["sessions"]:
-        return f"no sessions {when}: nothing to prune"
-    counts = (
-        f"{plural(data['sessions'], 'session')} {when}, with {plural(data['tasks'], 'task')}, "
-        f"{plural(data['runs'], 'run')} and {plural(data['state_keys'], 'state key')}"
-    )
-    if data["deleted"]:
-        return f"deleted {counts}"
-    return f"would delete {counts}\nrun again with --yes to delete them"
 
 
 # -- db ------------------------------------------------------------------------------------
@@ -492,8 +269,4 @@ def db_current_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
     _emit(ops.db_current(config), as_json, render_db)
 
 
-def render_db(data: dict[str, Any]) -> str:
-    return f"session store at {data['url']} is at revision {data['revision'] or 'none'}"
-
-
-__all__ = ["duration", "sessions", "table"]
+__all__ = ["duration", "render_db", "render_list", "sessions", "table"]

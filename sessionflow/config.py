@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from . import resources
 from .errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///sessionflow.db"
@@ -42,15 +44,18 @@ class Config:
     history_max_runs: int = 1000
     retention: float | None = 7 * 24 * 3600.0
     flush_interval: float = 0.1
+    engine_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    # Placement: what each worker of this app offers unless its options say otherwise.
+    session_resources: dict[str, int] = field(default_factory=dict, hash=False)
+    session_labels: dict[str, str] = field(default_factory=dict, hash=False)
+    session_task_limits: dict[str, int] = field(default_factory=dict, hash=False)
 
     def __repr__(self) -> str:
-        shown = {
-            name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if name not in ("database_url", "secret_key")
-        }
+        # Fields declared repr=False may hold secrets (the key, engine connect_args).
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         parts = [f"database_url={self.masked_url!r}"]
         parts += [f"{k}={v!r}" for k, v in shown.items()]
+        parts.append(f"engine_options=<{len(self.engine_options)} keys>")
         parts.append(f"secret_key={'<set>' if self.secret_key else None}")
         return f"Config({', '.join(parts)})"
 
@@ -86,6 +91,15 @@ class Config:
         return self.dialect == "sqlite"
 
 
+def _shown(name: str, value: Any) -> str:
+    """A wrong setting's value for an error message, never a secret."""
+    if name == "secret_key":
+        return "<hidden>"
+    if name == "database_url" and isinstance(value, (str, bytes)):
+        return mask_url(value.decode(errors="replace") if isinstance(value, bytes) else value)
+    return repr(value)
+
+
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (unparsable URLs are hidden whole)."""
     try:
@@ -116,44 +130,85 @@ _FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "history_max_runs": (int, "a positive number of task runs kept per session"),
     "retention": ((int, float), "seconds to keep ended sessions (0 or more), or None for ever"),
     "flush_interval": ((int, float), "a positive number of seconds (at most 60)"),
+    "engine_options": (dict, "a dict of keyword arguments for sqlalchemy.create_engine"),
+    "session_resources": (dict, "a dict of resource name -> capacity, e.g. {'gpu': 2}"),
+    "session_labels": (dict, "a dict of label -> string, e.g. {'zone': 'eu'}"),
+    "session_task_limits": (dict, "a dict of task name -> most running at once per worker"),
 }
+
+#: Placement settings, checked and made canonical by :mod:`sessionflow.resources`.
+_PLACEMENT: dict[str, Callable[[Any, str], dict[str, Any]]] = {
+    "session_resources": resources.worker_resources,
+    "session_labels": resources.worker_labels,
+    "session_task_limits": resources.task_limits,
+}
+
 #: Settings whose ``None`` means something (not "use the default").
 _NONE_ALLOWED = {"retention"}
 
 
-def load_config(conf: Any) -> Config:
-    """Read and validate the ``sessionflow_*`` keys of a Celery ``app.conf``."""
-    known = {f"sessionflow_{name}" for name in _FIELDS}
-    unknown = sorted(k for k in conf if str(k).startswith("sessionflow_") and k not in known)
+def load_config(conf: Any, namespace: str | None = None) -> Config:
+    """Read and validate the ``sessionflow_*`` keys of a Celery ``app.conf``.
+
+    Keys may come through a Celery namespace (Django's ``CELERY_SESSIONFLOW_…``); an
+    unknown key is refused in whatever form it was written, and every error names
+    the key as the user wrote it.
+    """
+    written: dict[str, str] = {}
+    unknown = []
+    prefixes = ["sessionflow_"] + ([f"{namespace}_SESSIONFLOW_"] if namespace else [])
+    for key in conf:
+        text = str(key)
+        prefix = next((p for p in prefixes if text.startswith(p)), None)
+        if prefix is None:
+            continue
+        name = text[len(prefix) :].lower()
+        if name in _FIELDS:
+            written.setdefault(name, str(key))
+        else:
+            unknown.append(str(key))
     if unknown:
         raise ConfigurationError(
-            f"unknown setting(s) {', '.join(unknown)}; "
-            f"valid sessionflow settings are {', '.join(sorted(known))}"
+            f"unknown setting(s) {', '.join(sorted(unknown))}; valid sessionflow settings "
+            f"are {', '.join(sorted(f'sessionflow_{n}' for n in _FIELDS))} (with your Celery "
+            "namespace prefix, if you use one)"
         )
+
+    def label(name: str) -> str:
+        return written.get(name) or f"app.conf.sessionflow_{name}"
+
     values: dict[str, Any] = {}
     for name, (kind, hint) in _FIELDS.items():
         value = conf.get(f"sessionflow_{name}", _UNSET)
         if value is _UNSET or (value is None and name not in _NONE_ALLOWED):
             continue
+        if name == "database_url" and isinstance(value, URL):
+            value = value.render_as_string(hide_password=False)
         if value is None:
             values[name] = None
             continue
         bad_bool = kind is not bool and isinstance(value, bool)
         if not isinstance(value, kind) or bad_bool:
-            shown = "<hidden>" if name == "secret_key" else repr(value)
-            raise ConfigurationError(
-                f"app.conf.sessionflow_{name} = {shown} is invalid: expected {hint}"
-            )
+            shown = _shown(name, value)
+            raise ConfigurationError(f"{label(name)} = {shown} is invalid: expected {hint}")
         values[name] = value
+    if "engine_options" in values:
+        bad = [k for k in values["engine_options"] if not isinstance(k, str)]
+        if bad:
+            raise ConfigurationError(f"{label('engine_options')}: keys must be strings")
+        values["engine_options"] = dict(values["engine_options"])
+    for name, parse in _PLACEMENT.items():
+        if name in values:
+            values[name] = parse(values[name], label(name))
     config = Config(**values)
-    _check(config)
+    _check(config, label)
     return config
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, label: Callable[[str], str] = lambda n: f"sessionflow_{n}") -> None:
     if config.max_concurrent_sessions < 1:
         raise ConfigurationError(
-            "app.conf.sessionflow_max_concurrent_sessions must be at least 1, "
+            f"{label('max_concurrent_sessions')} must be at least 1, "
             f"got {config.max_concurrent_sessions}"
         )
     for name in (
@@ -167,53 +222,51 @@ def _check(config: Config) -> None:
     ):
         value = getattr(config, name)
         if not math.isfinite(value) or value <= 0:
-            raise ConfigurationError(
-                f"app.conf.sessionflow_{name} = {value!r}: use a positive, finite number"
-            )
+            raise ConfigurationError(f"{label(name)} = {value!r}: use a positive, finite number")
     if config.flush_interval > 60:
         raise ConfigurationError(
-            f"app.conf.sessionflow_flush_interval = {config.flush_interval!r}: at most 60 s "
+            f"{label('flush_interval')} = {config.flush_interval!r}: at most 60 s "
             "(it is how much task history a killed worker can lose)"
         )
     if config.retention is not None and (
         not math.isfinite(config.retention) or config.retention < 0
     ):
         raise ConfigurationError(
-            f"app.conf.sessionflow_retention = {config.retention!r}: use seconds >= 0, "
+            f"{label('retention')} = {config.retention!r}: use seconds >= 0, "
             "or None to keep ended sessions for ever"
         )
     if not _QUEUE_PREFIX_RE.match(config.queue_prefix):
         raise ConfigurationError(
-            f"app.conf.sessionflow_queue_prefix = {config.queue_prefix!r}: "
+            f"{label('queue_prefix')} = {config.queue_prefix!r}: "
             "use only letters, digits, '.', '_' or '-'"
         )
     if config.secret_key is not None and len(config.secret_key.encode()) < MIN_SECRET_BYTES:
         raise ConfigurationError(
-            f"app.conf.sessionflow_secret_key is shorter than {MIN_SECRET_BYTES} bytes: use a "
+            f"{label('secret_key')} is shorter than {MIN_SECRET_BYTES} bytes: use a "
             "long random string, e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
-    check_database_url(config.database_url)
+    check_database_url(config.database_url, label("database_url"))
 
 
-def check_database_url(url: str) -> None:
+def check_database_url(url: str, key: str = "sessionflow_database_url") -> None:
     """Refuse URLs sessionflow cannot serve, before anything connects."""
     if not url:
-        raise ConfigurationError("app.conf.sessionflow_database_url must not be empty")
+        raise ConfigurationError(f"{key} must not be empty")
     try:
         dialect = make_url(url).get_backend_name()
     except (ArgumentError, ValueError) as exc:
         raise ConfigurationError(
-            f"app.conf.sessionflow_database_url is not a SQLAlchemy URL ({type(exc).__name__}); "
+            f"{key} is not a SQLAlchemy URL ({type(exc).__name__}); "
             "use e.g. 'postgresql+psycopg://host/db' or 'sqlite:////abs/path.db'"
         ) from None
     if dialect in ("mysql", "mariadb"):
         raise ConfigurationError(
-            f"sessionflow_database_url {mask_url(url)}: MySQL/MariaDB cannot serve the session "
+            f"{key} {mask_url(url)}: MySQL/MariaDB cannot serve the session "
             "store yet (it needs UPDATE ... RETURNING and JSON aggregation, which MySQL lacks); "
             "use PostgreSQL, or SQLite on one machine"
         )
     if dialect not in SUPPORTED_DIALECTS:
         raise ConfigurationError(
-            f"sessionflow_database_url {mask_url(url)}: the {dialect!r} database is not "
+            f"{key} {mask_url(url)}: the {dialect!r} database is not "
             f"supported; use one of {', '.join(SUPPORTED_DIALECTS)}"
         )

@@ -61,6 +61,8 @@ class Reason(str, Enum):
     WORKER_LOST = "worker_lost"
     WORKER_SHUTDOWN = "worker_shutdown"
     MOVING = "moving"  # a pending session changing workers (soft affinity)
+    WORKER_CHANGED = "worker_changed"  # restarted with capacities or labels it no longer fits
+    UNPLACEABLE = "unplaceable"  # no live worker could take it (request_session)
 
 
 #: Celery states of a finished execution, and what they make of the task.

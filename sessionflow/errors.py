@@ -36,6 +36,15 @@ class SessionCreationTimeout(SessionFlowError):
     """No worker admitted the session within ``creation_timeout`` seconds."""
 
 
+class SessionStillPending(SessionFlowError):
+    """``SessionRequest.wait(timeout)`` ran out before a worker admitted the session; it may
+    still be admitted until its ``creation_timeout``."""
+
+
+class SessionUnplaceable(SessionFlowError):
+    """No live worker declares the capacities or labels a session asks for; nothing waits."""
+
+
 class NestedSessionError(SessionFlowError):
     """A session was created from a task that already runs in an open session."""
 

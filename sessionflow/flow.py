@@ -9,25 +9,18 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
-from celery.backends.base import DisabledBackend
-from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.entity import Queue
 
-from . import canvas, limits, options, tokens
+from . import canvas, limits, options
 from .canvas import make_queue
 from .celery_ext.tracing import Middleware
 from .config import Config, load_config
-from .context import current_session
-from .enums import Reason, SessionState, SessionStatus
-from .errors import (
-    InvalidArgument,
-    InvalidRecreateToken,
-    NestedSessionError,
-    SessionCreationTimeout,
-    SessionNotFound,
-)
-from .queues import Queues, request_is_live
-from .records import NewSession, SessionRecord
+from .creation import Creating
+from .enums import SessionState, SessionStatus
+from .errors import InvalidArgument, SessionNotFound
+from .placer import Placer
+from .queues import Queues
+from .records import SessionRecord
 from .registrar import Registrar
 from .results import Resolver
 from .session import Session
@@ -37,11 +30,10 @@ from .sweeper import Sweeper, Watcher
 logger = logging.getLogger("sessionflow")
 
 _APP_ATTR = "_sessionflow"
-_POLL_START, _POLL_MAX = 0.001, 0.05
 END_REPLY_TIMEOUT = 1.0  # seconds to wait for the owning worker to confirm an end
 
 
-class SessionFlow:
+class SessionFlow(Creating):
     """Sessions for one Celery app. ``SessionFlow(app)`` is idempotent."""
 
     app: Celery
@@ -113,7 +105,7 @@ class SessionFlow:
     @cached_property
     def config(self) -> Config:
         """The validated ``sessionflow_*`` settings, read once."""
-        return load_config(self.app.conf)
+        return load_config(self.app.conf, getattr(self.app, "namespace", None))
 
     @cached_property
     def store(self) -> SessionStore:
@@ -140,7 +132,19 @@ class SessionFlow:
 
     @cached_property
     def sweeper(self) -> Sweeper:
-        return Sweeper(self.store, self.queues, self.resolver, self.config, self.request_admission)
+        return Sweeper(
+            self.store,
+            self.queues,
+            self.resolver,
+            self.config,
+            self.request_admission,
+            place_move=self.placer.move,
+        )
+
+    @cached_property
+    def placer(self) -> Placer:
+        """Places sessions that ask for resources or labels (and their moves)."""
+        return Placer(self)
 
     @cached_property
     def registrar(self) -> Registrar:
@@ -160,188 +164,7 @@ class SessionFlow:
         if self.worker_nodename is None:
             self.watcher.ensure()
 
-    # -- creating sessions -------------------------------------------------------------
-
-    def create_session(
-        self,
-        *,
-        creation_timeout: float,
-        execution_timeout: float,
-        user_id: str | None = None,
-        agent_id: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        heartbeat_timeout: float = 10,
-        ttl: float | None = None,
-        idle_timeout: float | None = None,
-        max_turns: int | None = None,
-        survive_restart: bool = False,
-        affinity: str = "hard",
-        merge: str = "last_write_wins",
-        reducers: dict[str, str] | None = None,
-    ) -> Session:
-        """Wait until a worker below its cap admits a new session, and return it.
-
-        Raises :class:`SessionCreationTimeout` after ``creation_timeout`` seconds.
-        """
-        new = options.new_session(
-            self.config,
-            self.reducers,
-            creation_timeout=creation_timeout,
-            execution_timeout=execution_timeout,
-            user_id=user_id,
-            agent_id=agent_id,
-            metadata=metadata,
-            heartbeat_timeout=heartbeat_timeout,
-            ttl=ttl,
-            idle_timeout=idle_timeout,
-            max_turns=max_turns,
-            survive_restart=survive_restart,
-            affinity=affinity,
-            merge=merge,
-            reducers=reducers,
-        )
-        if current_session() is not None:
-            raise NestedSessionError(
-                "this task already runs in a session; use current_session().apply_async() "
-                "to add work to it instead of creating a session inside it"
-            )
-        return self._create(new)
-
-    def recreate_session(
-        self,
-        token: str,
-        *,
-        creation_timeout: float,
-        execution_timeout: float,
-        user_id: str | None = None,
-        agent_id: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        heartbeat_timeout: float = 10,
-        ttl: float | None = None,
-        idle_timeout: float | None = None,
-        max_turns: int | None = None,
-        survive_restart: bool = False,
-        affinity: str = "hard",
-        merge: str = "last_write_wins",
-        reducers: dict[str, str] | None = None,
-    ) -> Session:
-        """A new session on the worker that held the token's session (Temporal's RecreateSession).
-
-        Waits up to ``creation_timeout`` for a slot on that worker, then raises
-        :class:`SessionCreationTimeout`. Tokens do not expire and may be used again.
-        """
-        old_id, nodename = tokens.read_token(self.signing_key, token)
-        new = options.new_session(
-            self.config,
-            self.reducers,
-            creation_timeout=creation_timeout,
-            execution_timeout=execution_timeout,
-            user_id=user_id,
-            agent_id=agent_id,
-            metadata=metadata,
-            heartbeat_timeout=heartbeat_timeout,
-            ttl=ttl,
-            idle_timeout=idle_timeout,
-            max_turns=max_turns,
-            survive_restart=survive_restart,
-            affinity=affinity,
-            merge=merge,
-            reducers=reducers,
-            target_worker=nodename,
-            recreated_from=old_id,
-        )
-        old = self.store.get_session(old_id)
-        if old is None or old.hostname != nodename:
-            raise InvalidRecreateToken(
-                "recreate token refers to a session this store does not know: was it made "
-                "by another deployment?"
-            )
-        return self._create(new, make_queue(self.config.worker_creation_queue(nodename)))
-
-    def _create(self, new: NewSession, queue: Queue | None = None) -> Session:
-        """Ask for a worker and wait for it; no store write unless nobody answers.
-
-        The request carries the whole session: the admitting worker inserts it as open
-        in one statement. A client that gives up inserts it as failed instead; the
-        store lets exactly one of the two inserts happen.
-        """
-        reply_id = f"sessionflow.created.{new.id}"
-        self.request_admission(new.id, new.creation_timeout, queue, reply_id, new=new)
-        admitted = self._await_admission(new.id, new.creation_timeout, reply_id)
-        if not admitted and self.store.abandon_new(new, Reason.CREATION_TIMEOUT.value):
-            self._clear_stale_requests(queue or self.creation_queue)
-            raise SessionCreationTimeout(
-                f"no worker admitted the session within {new.creation_timeout} s: are "
-                "workers running with SessionFlow(app), and below their --max-sessions cap?"
-            )
-        # Admitted, or a worker admitted it between our last look and the abandon attempt.
-        self.ensure_watching()
-        return Session(self, new.id)
-
-    def request_admission(
-        self,
-        session_id: str,
-        creation_timeout: float | None = None,
-        queue: Queue | None = None,
-        reply_id: str | None = None,
-        move: bool = False,
-        new: NewSession | None = None,
-    ) -> None:
-        """Ask the workers (or the one of ``queue``) to admit a pending session.
-
-        ``move``: it is a session changing workers, whose parked tasks come along.
-        """
-        queue = queue or self.creation_queue
-        body: dict[str, Any] = {"session_id": session_id}
-        if move:
-            body["move"] = True
-        if new is not None:
-            body["new"] = new.to_message()
-        if creation_timeout is not None:
-            body["expires_at"] = time.time() + creation_timeout
-        if reply_id is not None and not isinstance(self.app.backend, DisabledBackend):
-            body["reply"] = reply_id
-        with self.app.producer_or_acquire() as producer:
-            producer.publish(
-                body,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                declare=[queue],
-                serializer="json",
-                retry=True,
-                retry_policy={"max_retries": 3},
-                expiration=creation_timeout,
-            )
-
-    def _await_admission(self, session_id: str, timeout: float, reply_id: str) -> bool:
-        """Wait for the admitting worker's reply (result backend), else poll the store.
-
-        True once a worker admitted the session; False when the time is up.
-        """
-        if not isinstance(self.app.backend, DisabledBackend):
-            try:
-                self.app.AsyncResult(reply_id).get(timeout=timeout, interval=0.01, propagate=False)
-                return True
-            except CeleryTimeout:
-                return False
-        deadline = time.monotonic() + timeout
-        delay = _POLL_START
-        while True:
-            found = self.store.statuses([session_id]).get(session_id)
-            if found is not None and found[0] is not SessionStatus.PENDING:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, _POLL_MAX)
-
-    def _clear_stale_requests(self, queue: Queue) -> None:
-        """A timed-out client removes requests nobody waits for (Redis keeps them)."""
-        try:
-            self.queues.clear_stale_requests(queue, request_is_live)
-        except Exception as exc:
-            logger.warning("sessionflow: could not clear stale creation requests: %s", exc)
+    # -- reducers (creating sessions: see sessionflow/creation.py) ----------------------
 
     def register_reducer(self, name: str, function: Callable[[Any, Any], Any]) -> None:
         """Make ``function(current, incoming) -> merged`` usable as a reducer by ``name``."""
@@ -356,13 +179,19 @@ class SessionFlow:
     # -- finding sessions ---------------------------------------------------------------
 
     def get_session(self, session_id: str) -> Session:
-        """The session with this id, from any process; raises SessionNotFound."""
+        """The session with this id, from any process (pending ones too, whose
+        ``info.state`` is ``pending``); raises SessionNotFound."""
         limits.text("session_id", session_id)
-        record = self.store.get_session(session_id)
-        if record is None or (record.status is SessionStatus.PENDING and not record.moving):
+        self.flush_requested(session_id)
+        if self.store.get_session(session_id) is None:
             raise SessionNotFound(f"no session {session_id!r} in the store")
         self.ensure_watching()
         return Session(self, session_id)
+
+    def flush_requested(self, session_id: str) -> None:
+        """Write now the pending row of a session this process asked for moments ago."""
+        if "registrar" in self.__dict__ and self.registrar.has_session(session_id):
+            self.registrar.flush()
 
     def list_sessions(
         self,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import limits
+from . import limits, resources
 from .config import Config
 from .errors import InvalidArgument
 from .records import NewSession, utcnow
@@ -35,8 +35,16 @@ def new_session(
     reducers: Any = None,
     target_worker: str | None = None,
     recreated_from: str | None = None,
+    requires: Any = None,
+    constraints: Any = None,
+    prefer: Any = None,
+    placement: Any = None,
 ) -> NewSession:
-    """A validated pending session; raises InvalidArgument naming the bad option."""
+    """A validated pending session; raises InvalidArgument naming the bad option.
+
+    ``requires``, ``constraints``, ``prefer`` and ``placement`` are the placement
+    options (see :mod:`sessionflow.resources`), kept in canonical form.
+    """
     creation = limits.seconds("creation_timeout", creation_timeout)
     execution = limits.seconds("execution_timeout", execution_timeout)
     heartbeat = limits.seconds("heartbeat_timeout", heartbeat_timeout)
@@ -78,6 +86,10 @@ def new_session(
         reducers=check_reducers(reducers, registered_reducers),
         target_worker=target_worker,
         recreated_from=recreated_from,
+        requires=resources.requires(requires),
+        constraints=resources.constraints(constraints),
+        prefer=resources.prefer(prefer),
+        placement=resources.placement(placement),
     )
 
 

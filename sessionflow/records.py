@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .enums import Reason, SessionStatus, TaskStatus, WorkerStatus
+from .placement import Needs, placed
 
 
 def utcnow() -> datetime:
@@ -34,6 +35,11 @@ class NewSession:
     reducers: dict[str, str] | None = None
     target_worker: str | None = None
     recreated_from: str | None = None
+    # Placement (canonical, see sessionflow.resources); None: not asked for.
+    requires: dict[str, int] | None = None
+    constraints: dict[str, list[Any]] | None = None
+    prefer: list[list[Any]] | None = None
+    placement: str | None = None
 
     def to_message(self) -> dict[str, Any]:
         """JSON for a creation request: the admitting worker inserts the row itself."""
@@ -55,6 +61,8 @@ class NewSession:
             value = getattr(new, name)
             if not isinstance(value, kinds) or isinstance(value, bool) != (kinds == (bool,)):
                 raise ValueError(f"{name} has the wrong type")
+        if placed(new):
+            Needs.checked(new)  # InvalidArgument (a ValueError) if the sender made it up
         return new
 
 
@@ -101,6 +109,10 @@ class SessionRecord:
     target_worker: str | None
     settled: bool
     last_heartbeat_at: datetime | None = None  # of its worker, when asked for
+    requires: dict[str, int] | None = None
+    constraints: dict[str, list[Any]] | None = None
+    prefer: list[list[Any]] | None = None
+    placement: str | None = None
 
     @property
     def moving(self) -> bool:
@@ -122,6 +134,9 @@ class WorkerRecord:
     last_heartbeat_at: datetime
     heartbeat_age: float  # seconds, on the store's clock
     open_sessions: int
+    resources: dict[str, int] = field(default_factory=dict)  # declared capacities
+    labels: dict[str, str] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)  # sum of ``requires`` of open sessions
 
 
 @dataclass(frozen=True)

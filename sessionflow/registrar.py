@@ -22,7 +22,7 @@ import threading
 import weakref
 
 from .errors import SessionFlowError, ended_error
-from .records import Dispatch
+from .records import Dispatch, NewSession
 from .results import Resolver
 from .store import SessionStore
 
@@ -39,6 +39,7 @@ class Registrar:
         self.resolver = resolver
         self._lock = threading.Condition()
         self._pending: dict[str, list[tuple[str, str | None]]] = {}
+        self._sessions: list[NewSession] = []  # pending rows of requested sessions
         self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
@@ -49,6 +50,17 @@ class Registrar:
     def add(self, session_id: str, tasks: tuple[tuple[str, str | None], ...]) -> None:
         with self._lock:
             self._pending.setdefault(session_id, []).extend(tasks)
+        self._ensure_thread()
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether the pending row of this requested session is still to be written."""
+        with self._lock:
+            return any(new.id == session_id for new in self._sessions)
+
+    def add_pending(self, new: NewSession) -> None:
+        """Write the pending row of a requested session (``flow.request_session``)."""
+        with self._lock:
+            self._sessions.append(new)
         self._ensure_thread()
 
     def discard(self, session_id: str, task_ids: set[str]) -> None:
@@ -89,6 +101,15 @@ class Registrar:
         the rows if the store fails."""
         with self._flushing:
             with self._lock:
+                sessions, self._sessions = self._sessions, []
+            try:
+                for new in sessions:  # rows of sessions asked for come first
+                    self.store.create_pending(new)
+            except BaseException:
+                with self._lock:
+                    self._sessions[:0] = sessions[sessions.index(new) :]
+                raise
+            with self._lock:
                 ids = [session_id] if session_id is not None else list(self._pending)
                 batches = {sid: list(self._pending.get(sid, ())) for sid in ids}
             for sid, tasks in batches.items():
@@ -122,7 +143,7 @@ class Registrar:
 
     def pending(self) -> int:
         with self._lock:
-            return sum(len(tasks) for tasks in self._pending.values())
+            return sum(len(tasks) for tasks in self._pending.values()) + len(self._sessions)
 
 
 @atexit.register

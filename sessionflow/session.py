@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -14,8 +14,9 @@ from celery.utils import uuid
 
 from . import branches, canvas, limits, tokens
 from .enums import Reason, SessionState, SessionStatus
-from .errors import SessionNotFound, TurnLimitExceeded, ended_error
+from .errors import InvalidArgument, SessionNotFound, TurnLimitExceeded, ended_error
 from .records import Dispatch, RunRecord, SessionRecord
+from .transactions import django_on_commit
 
 if TYPE_CHECKING:
     from .flow import SessionFlow
@@ -47,6 +48,11 @@ class SessionInfo:
     last_heartbeat_at: datetime | None
     max_turns: int | None
     recreate_token: str  # for SessionFlow.recreate_session on the same worker
+    # What the session asked of its worker (see Placement in the README); empty: nothing.
+    requires: dict[str, int] = field(default_factory=dict)
+    constraints: dict[str, list[Any]] = field(default_factory=dict)
+    prefer: list[list[Any]] = field(default_factory=list)
+    placement: str | None = None
 
     @classmethod
     def from_record(cls, record: SessionRecord, key: bytes) -> SessionInfo:
@@ -72,6 +78,10 @@ class SessionInfo:
             last_heartbeat_at=record.last_heartbeat_at,
             max_turns=record.max_turns,
             recreate_token=tokens.make_token(key, record.id, hostname) if hostname else "",
+            requires=dict(record.requires or {}),
+            constraints=dict(record.constraints or {}),
+            prefer=list(record.prefer or []),
+            placement=record.placement,
         )
 
 
@@ -100,6 +110,7 @@ class Session:
     @property
     def info(self) -> SessionInfo:
         """Current metadata, read from the store on every access."""
+        self._flow.flush_requested(self.id)
         record = self._flow.store.get_session(self.id, with_heartbeat=True)
         if record is None:
             raise SessionNotFound(f"session {self.id!r} no longer exists in the store")
@@ -109,7 +120,13 @@ class Session:
     # -- sending tasks ------------------------------------------------------------
 
     def apply_async(
-        self, obj: Any, args: Any = (), kwargs: Any = None, **options: Any
+        self,
+        obj: Any,
+        args: Any = (),
+        kwargs: Any = None,
+        *,
+        complete_when_done: bool = False,
+        **options: Any,
     ) -> AsyncResult | GroupResult:
         """Send a task, signature or canvas to run entirely on the session's worker.
 
@@ -118,10 +135,16 @@ class Session:
         statement before it is sent, whatever its size.
         Raises :class:`SessionClosed` / :class:`SessionFailed` if the session is not
         open, :class:`TurnLimitExceeded` past ``max_turns``; nothing is sent then.
+
+        ``complete_when_done=True``: the session completes once this canvas finished,
+        whether it succeeded or failed (the failure still reaches the caller's
+        ``.get()``): the web pattern "start the work, answer, let it end the session".
         """
+        if not isinstance(complete_when_done, bool):
+            raise InvalidArgument("complete_when_done must be True or False")
         if "task_id" in options:
             limits.text("task_id", options["task_id"])
-        if canvas.is_task(obj):
+        if canvas.is_task(obj) and not complete_when_done:
             quick = self._send_task_quickly(obj, args, kwargs, options)
             if quick is not None:
                 return quick
@@ -155,7 +178,7 @@ class Session:
             sig, self.id, queue, lambda tid: tokens.sign_task(key, self.id, tid), branch_headers
         )
         try:
-            result: AsyncResult | GroupResult = sig.apply_async()
+            result = self._then_complete(sig) if complete_when_done else sig.apply_async()
         except BaseException:
             try:
                 store.undo_dispatch(dispatch)
@@ -194,6 +217,39 @@ class Session:
         )
         self._flow.registrar.add(self.id, ((task_id, task.name),))
         return result
+
+    def _then_complete(self, sig: Any) -> AsyncResult | GroupResult:
+        """Send ``sig`` (stamped) followed by the task that completes this session; it also
+        runs as the errback of every task, so a failure completes the session too."""
+        import warnings
+
+        from celery import chain
+        from celery.exceptions import CPendingDeprecationWarning
+
+        from .celery_ext.joining import END_TASK
+
+        end = self._flow.app.signature(END_TASK, args=(self.id,), immutable=True)
+        whole = chain(sig, end)  # a group followed by a task becomes a chord: all, then end
+        with warnings.catch_warnings():
+            # Linking to a chord warns about task_allow_error_cb_on_chord_header; either
+            # value completes the session: a failed header task fails the chord body, whose
+            # errbacks run.
+            warnings.simplefilter("ignore", CPendingDeprecationWarning)
+            whole.link_error(end)
+            sent = whole.apply_async()
+        parent = getattr(sent, "parent", None)
+        result: AsyncResult | GroupResult = parent if parent is not None else sent
+        return result
+
+    def apply_async_on_commit(
+        self, obj: Any, args: Any = (), kwargs: Any = None, **options: Any
+    ) -> None:
+        """Django: :meth:`apply_async` when the current transaction commits (never after a
+        rollback), like Celery's ``delay_on_commit``. Arguments are checked now."""
+        canvas.check_call(
+            args, kwargs, {k: v for k, v in options.items() if k != "complete_when_done"}
+        )
+        django_on_commit(lambda: self.apply_async(obj, args, kwargs, **options))
 
     def delay(self, task: Any, *args: Any, **kwargs: Any) -> AsyncResult | GroupResult:
         """``s.delay(task, *args, **kwargs)``: like ``task.delay``, in this session."""

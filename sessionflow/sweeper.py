@@ -25,8 +25,9 @@ from .canvas import make_queue
 from .config import Config
 from .enums import Reason, SessionStatus, WorkerStatus
 from .errors import SessionFlowError
+from .placement import placed
 from .queues import Queues
-from .records import Ended, utcnow
+from .records import Ended, SessionRecord, utcnow
 from .results import Resolver
 from .store import SessionStore
 
@@ -52,6 +53,7 @@ class Sweeper:
         config: Config,
         request_admission: Callable[..., None],
         holder: str | None = None,
+        place_move: Callable[[SessionRecord], str | None] | None = None,
     ) -> None:
         self.store = store
         self.queues = queues
@@ -59,6 +61,11 @@ class Sweeper:
         self.config = config
         self.request_admission = request_admission
         self.holder = holder or holder_id()
+        # Moving sessions that asked for placement are offered to the best live worker
+        # (``place_move``: None when asked, else why none could ever take it), again
+        # every ``MOVE_RETRY`` s until one takes it or ``creation_timeout`` passes.
+        self.place_move = place_move
+        self._move_asked: dict[str, float] = {}
         self._healthy_since: float | None = None
 
     @property
@@ -95,16 +102,51 @@ class Sweeper:
         watched = time.monotonic() - self._mark_healthy()
         for nodename, age, status in silent:
             self._judge(nodename, age, status, watched)
+        for new in store.stale_pending():  # asked for (request_session), never admitted
+            if store.abandon_new(new, Reason.CREATION_TIMEOUT.value):
+                logger.info("sessionflow: no worker admitted session %s in time", new.id)
         for session_id in store.stalled_moves():
-            if store.end_session(
+            self._fail_move(session_id)
+        self._offer_moves()
+
+    def _fail_move(self, session_id: str, why: str | None = None) -> None:
+        if self.store.end_session(
+            session_id,
+            SessionStatus.FAILED,
+            Reason.WORKER_LOST.value,
+            from_states=(SessionStatus.PENDING,),
+        ):
+            logger.warning(
+                "sessionflow: no worker took over session %s%s",
                 session_id,
-                SessionStatus.FAILED,
-                Reason.WORKER_LOST.value,
-                from_states=(SessionStatus.PENDING,),
-            ):
-                logger.warning("sessionflow: no worker took over session %s", session_id)
-                self._settle(session_id, lose_started=True)
-                self.queues.drop_parked(session_id)
+                f": {why}" if why else "",
+            )
+            self._settle(session_id, lose_started=True)
+            self.queues.drop_parked(session_id)
+
+    def _place(self, record: SessionRecord) -> None:
+        """Ask for a worker to take over a moving session: any with room (the shared
+        queue), or, if it asked for placement, the best live one by the same rules as
+        at creation; a session no live worker could ever take fails at once."""
+        if self.place_move is None or not placed(record):
+            self.request_admission(record.id, move=True)
+            return
+        self._move_asked[record.id] = time.monotonic()
+        why = self.place_move(record)
+        if why is not None:
+            self._fail_move(record.id, why)
+
+    def _offer_moves(self) -> None:
+        """Ask again for placed moving sessions no worker has taken yet (it was full)."""
+        if self.place_move is None:
+            return
+        moving = [record for record in self.store.moving() if placed(record)]
+        ids = {record.id for record in moving}
+        self._move_asked = {k: v for k, v in self._move_asked.items() if k in ids}
+        retry = 2 * self.config.heartbeat_interval
+        for record in moving:
+            if time.monotonic() - self._move_asked.get(record.id, -retry) >= retry:
+                self._place(record)
 
     def _judge(self, nodename: str, age: float, status: WorkerStatus, watched: float) -> None:
         store = self.store
@@ -113,7 +155,7 @@ class Sweeper:
             if status is WorkerStatus.OFFLINE
             else Reason.WORKER_LOST.value
         )
-        moving: list[str] = []
+        moving: list[SessionRecord] = []
         for record in store.open_sessions(nodename):
             if age <= record.heartbeat_timeout or watched < record.heartbeat_timeout:
                 continue
@@ -121,7 +163,7 @@ class Sweeper:
                 ended = store.begin_move(record.id, nodename)
                 if ended is None:
                     continue
-                moving.append(record.id)
+                moving.append(record)
                 self.resolver.resolve(ended)
                 verb = "moves to another worker"
             elif store.end_session(record.id, SessionStatus.FAILED, reason, hostname=nodename):
@@ -144,9 +186,9 @@ class Sweeper:
             if watched >= found.heartbeat_timeout:
                 self._settle(session_id, lose_started=True)
         if moving or not store.open_sessions(nodename):
-            self.drain(nodename, utcnow() - DISPATCH_GRACE, moved=moving)
-        for session_id in moving:
-            self.request_admission(session_id, move=True)
+            self.drain(nodename, utcnow() - DISPATCH_GRACE, moved=[r.id for r in moving])
+        for record in moving:
+            self._place(record)
 
     def _settle(self, session_id: str, *, lose_started: bool) -> None:
         ended = self.store.settle(session_id, lose_started=lose_started)

@@ -34,12 +34,31 @@ def install(flow: SessionFlow) -> None:
             "(overrides sessionflow_max_concurrent_sessions).",
         )
     )
+    for flag, text in (
+        (
+            "--session-resources",
+            "capacities this worker offers sessions, e.g. 'gpu=2,browser=8' "
+            "(overrides sessionflow_session_resources; 'sessions' is --max-sessions).",
+        ),
+        (
+            "--session-labels",
+            "labels sessions' constraints and preferences match, e.g. 'zone=eu,model=llama3' "
+            "(overrides sessionflow_session_labels).",
+        ),
+        (
+            "--session-task-limits",
+            "most session tasks of a name running at once here, e.g. 'proj.render=1'; "
+            "the others wait in their queue (overrides sessionflow_session_task_limits).",
+        ),
+    ):
+        app.user_options["worker"].add(Option([flag], default=None, help=f"sessionflow: {text}"))
     app.steps["worker"].add(SessionWorker)
     app.steps["consumer"].add(Admission)
     _install_operations(app)
     if not any(isinstance(m, BranchMiddleware) for m in flow.middleware):
         flow.middleware.append(BranchMiddleware(flow))
     wrap_send_task(flow)
+    _register_end_task(flow)
 
     def _on_process_init(**_: Any) -> None:
         # prefork children rebuild every task's tracer right before this signal.
@@ -92,3 +111,17 @@ def _install_operations(app: Any) -> None:
 
 def _step(flow: SessionFlow) -> SessionWorker | None:
     return getattr(flow, "worker_step", None)
+
+
+def _register_end_task(flow: SessionFlow) -> None:
+    """The task ``apply_async(..., complete_when_done=True)`` chains after a canvas."""
+    from ..enums import Reason, SessionStatus
+    from .joining import END_TASK
+
+    if END_TASK in flow.app.tasks:
+        return
+
+    @flow.app.task(name=END_TASK, shared=False, ignore_result=True)  # type: ignore[untyped-decorator]
+    def end_session(session_id: str, *_: Any, **__: Any) -> bool:
+        """Complete a session whose canvas finished (on success and on failure)."""
+        return flow.end_session(session_id, SessionStatus.CLOSED, Reason.COMPLETED.value)

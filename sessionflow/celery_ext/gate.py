@@ -26,6 +26,7 @@ from ..canvas import SESSION_HEADER, SIG_HEADER
 from ..enums import RUN_STARTED
 from ..errors import SessionFlowError, SessionTaskRefused, ended_error
 from ..records import Run, utcnow
+from .throttle import TaskLimiter
 from .tracing import REFUSED
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Gate:
         self.live = live
         self.writer = writer
         self.refused = 0
+        self.limiter = TaskLimiter()  # --session-task-limits (configured by SessionWorker)
         # Operations hook: (session id, final state) of every session task this worker
         # ended, REFUSED for one that did not run (main process; metrics).
         self.observers: list[Callable[[str, str], None]] = []
@@ -61,6 +63,8 @@ class Gate:
             error = self.check(session_id, req.id, headers.get(SIG_HEADER))
             if error is not None:
                 return self.refuse(req, error)
+            if self.limiter.limits:
+                return self.limiter.submit(req, process_task)
             return process_task(req)
 
         gated.__wrapped__ = process_task  # type: ignore[attr-defined]
@@ -115,6 +119,8 @@ class Gate:
             session_id = request.get(SESSION_HEADER) if isinstance(request, dict) else None
             if session_id and request is not None and self.live.get(session_id) is not None:
                 self._follow(session_id, args[1], request, options)
+            if session_id and self.limiter.limits:
+                self.limiter.follow(args[1], options)
             return apply_async(target, args, kwargs, **options)
 
         follow.__wrapped__ = apply_async  # type: ignore[attr-defined]

@@ -5,9 +5,9 @@ thread, without session headers of its own and outside ``sessionflow.detached()`
 is registered with the session (one statement, counting a turn), signed and
 routed to the session's worker. A refused registration (the session ended, its
 turns are used up) raises before anything is published. Everything else passes
-through untouched, except ``celery.chord_unlock``: Celery copies a chord body's
-headers onto it, but it is Celery's own poller, not a task of the session, so it
-is sent without them (the body it sends keeps its own).
+through untouched, except ``celery.chord_unlock`` (Celery copies a chord body's
+headers onto it, but it is Celery's own poller, not a task of the session) and
+sessionflow's own ``sessionflow.end_session``: they are sent without session headers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 _MARK = "_sessionflow_joining"
 #: Celery machinery that copies a chord body's headers but runs on its own (any worker).
-_PLAIN_TASKS = frozenset({"celery.chord_unlock"})
+END_TASK = "sessionflow.end_session"  # completes a session when its canvas is done
+_PLAIN_TASKS = frozenset({"celery.chord_unlock", END_TASK})
 
 
 def wrap_send_task(flow: SessionFlow) -> None:

@@ -27,7 +27,9 @@ from typing import Any
 
 from ..config import safe_name
 from ..errors import ended_error
+from ..placement import Needs, Offer, judge
 from ..records import Ended, SessionRecord
+from ..resources import SESSIONS
 from ..results import Resolver
 from ..store import SessionStore
 
@@ -89,10 +91,17 @@ class LiveSessions:
         store: SessionStore,
         resolver: Resolver,
         flush: Callable[[], None],
+        resources: dict[str, int] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         self.nodename = nodename
         self.queue = queue
         self.cap = cap
+        # Declared capacities (``sessions`` is ``cap``) and labels; control commands
+        # replace them. ``_used``: the ``requires`` of the open sessions, added up.
+        self.resources: dict[str, int] = dict(resources or {})
+        self.labels: dict[str, str] = dict(labels or {})
+        self._used: dict[str, int] = {}
         self.store = store
         self.resolver = resolver
         self.flush = flush
@@ -121,6 +130,27 @@ class LiveSessions:
     def get(self, session_id: str) -> Live | None:
         return self._sessions.get(session_id)
 
+    def used(self) -> dict[str, int]:
+        """What the open sessions hold of each declared resource (``requires`` added up)."""
+        with self._lock:
+            return {name: amount for name, amount in self._used.items() if amount}
+
+    def offer(self) -> Offer:
+        """This worker as placement sees it, right now."""
+        with self._lock:
+            return Offer(
+                self.nodename,
+                {**self.resources, SESSIONS: self.cap},
+                dict(self.labels),
+                {**self._used, SESSIONS: len(self._sessions)},
+            )
+
+    def judge(self, needs: Needs) -> tuple[str, str] | None:
+        """None if a session asking for ``needs`` may open here now, else
+        ``("mismatch" | "busy", why)``. Admission calls this and opens on its event
+        loop, one request at a time: no capacity is ever exceeded."""
+        return judge(self.offer(), needs)
+
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._sessions)
@@ -139,8 +169,16 @@ class LiveSessions:
         os.makedirs(os.path.join(self.dir, record.id), exist_ok=True)
         live = Live(record)
         with self._lock:
+            old = self._sessions.get(record.id)
+            if old is not None:
+                self._hold(old.record, -1)
             self._sessions[record.id] = live
+            self._hold(record, 1)
         self._notify(self.on_open, live)
+
+    def _hold(self, record: SessionRecord, sign: int) -> None:
+        for name, amount in (record.requires or {}).items():
+            self._used[name] = self._used.get(name, 0) + sign * amount
 
     def arrived(self, session_id: str, task_id: str) -> bool:
         with self._lock:
@@ -180,6 +218,7 @@ class LiveSessions:
             live = self._sessions.pop(session_id, None)
             if live is None:
                 return None
+            self._hold(live.record, -1)
             started = self._close_dir(session_id)
             running = set(live.running) | {
                 tid for tid in live.queued | live.running if file_name(tid) in started
@@ -251,6 +290,9 @@ class LiveSessions:
                 "cap": self.cap,
                 "open": len(self._sessions),
                 "free": max(self.cap - len(self._sessions), 0),
+                "resources": dict(self.resources),
+                "used": {name: self._used.get(name, 0) for name in self.resources},
+                "labels": dict(self.labels),
                 "admission_paused": bool(self.admission_paused),
                 "sessions": {
                     sid: {
@@ -261,6 +303,7 @@ class LiveSessions:
                         "running": len(live.running),
                         "user_id": live.record.user_id,
                         "agent_id": live.record.agent_id,
+                        "requires": dict(live.record.requires or {}),
                     }
                     for sid, live in self._sessions.items()
                 },

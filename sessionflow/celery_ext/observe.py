@@ -27,6 +27,7 @@ from ..events import (
 )
 from ..logs import extend_banner, install_record_factory
 from ..metrics import WorkerMetrics
+from ..resources import spec_text
 
 if TYPE_CHECKING:
     from ..records import Ended
@@ -95,8 +96,17 @@ class Observer(bootsteps.StartStopStep):  # type: ignore[misc]
                 f"{flow.config.creation_queue}, {flow.config.worker_creation_queue(self.nodename)}",
             ),
             ("max sessions", str(self.live.cap)),
-            ("store", flow.config.masked_url),
         ]
+        limiter = getattr(self.worker.gate, "limiter", None)
+        limits = limiter.limits if limiter is not None else {}
+        for name, values in (
+            ("resources", self.live.resources),
+            ("labels", self.live.labels),
+            ("task limits", limits),
+        ):
+            if values:
+                lines.append((name, spec_text(values)))
+        lines.append(("store", flow.config.masked_url))
         if self.metrics_port is not None:
             port = self.metrics_port or "<a free port, named in the log>"
             lines.append(("metrics", f"http://{self.metrics_addr}:{port}/metrics"))

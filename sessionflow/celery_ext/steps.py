@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -21,8 +22,10 @@ from kombu.messaging import Consumer
 from ..canvas import make_queue
 from ..enums import Reason, SessionStatus
 from ..errors import ConfigurationError, SessionFlowError
+from ..placement import Needs, placed
 from ..queues import request_is_live
-from ..records import NewSession, utcnow
+from ..records import NewSession, SessionRecord, utcnow
+from ..resources import WorkerSpec
 from ..sweeper import DISPATCH_GRACE
 from .gate import Gate
 from .live import LiveSessions
@@ -36,6 +39,10 @@ if TYPE_CHECKING:
     from ..flow import SessionFlow
 
 logger = logging.getLogger("sessionflow.worker")
+
+
+def _opened(record: SessionRecord) -> datetime:
+    return record.opened_at or record.created_at
 
 
 def _pid_alive(host: str | None, pid: int, heartbeat_age: float, stale_after: float) -> bool:
@@ -57,7 +64,15 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "sessionflow"
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, w: Any, max_sessions: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        w: Any,
+        max_sessions: int | None = None,
+        session_resources: str | None = None,
+        session_labels: str | None = None,
+        session_task_limits: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         from ..flow import SessionFlow
 
         super().__init__(w, **kwargs)
@@ -73,11 +88,20 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         w.app.amqp.queues.select_add(queue)
         self.queue = queue.name
         self.writer = Writer(flow.store, flow.config.flush_interval)
+        spec = WorkerSpec.read(flow.config, session_resources, session_labels, session_task_limits)
         self.live = LiveSessions(
-            w.hostname, queue.name, cap, flow.store, flow.resolver, self.writer.flush
+            w.hostname,
+            queue.name,
+            cap,
+            flow.store,
+            flow.resolver,
+            self.writer.flush,
+            resources=spec.resources,
+            labels=spec.labels,
         )
         self.ticker = Ticker(flow, self.live)
         self.gate = Gate(flow, self.live, self.writer)
+        self.gate.limiter.configure(spec.task_limits, lambda: getattr(w.consumer, "qos", None))
         # Pool processes forked later inherit these.
         flow.worker_nodename = w.hostname
         flow.live_dir = self.live.dir
@@ -105,6 +129,8 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             is_alive=lambda host, pid, age: _pid_alive(
                 host, pid, age, 3 * flow.config.heartbeat_interval
             ),
+            resources=self.live.resources,
+            labels=self.live.labels,
         )
         self.recover()
         self.writer.start()
@@ -128,12 +154,25 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         for ended in store.lose_interrupted(self.nodename):
             resolver.resolve(ended)
         surviving = []
-        for record in store.open_sessions(self.nodename):
+        for record in sorted(store.open_sessions(self.nodename), key=_opened):
+            reason = Reason.WORKER_LOST
             if record.survive_restart:
-                surviving.append(record.id)
-                self.live.open(record)
-            elif store.end_session(
-                record.id, SessionStatus.FAILED, Reason.WORKER_LOST.value, hostname=self.nodename
+                # In the order they opened, each against what is left: never over capacity.
+                refusal = self.live.judge(Needs.of(record))
+                if refusal is None:
+                    surviving.append(record.id)
+                    self.live.open(record)
+                    continue
+                reason = Reason.WORKER_CHANGED  # restarted with less, or other labels
+                logger.warning(
+                    "sessionflow: session %s cannot resume on %s (%s): %s",
+                    record.id,
+                    self.nodename,
+                    reason.value,
+                    refusal[1],
+                )
+            if store.end_session(
+                record.id, SessionStatus.FAILED, reason.value, hostname=self.nodename
             ):
                 self._settle(record.id)
         for session_id, _ in store.unsettled(self.nodename):
@@ -250,10 +289,18 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         if not request_is_live(body):
             message.ack()  # its client gave up: nothing to look up
             return
-        if self.flow.worker_closing or not self.live.has_room():
+        placed, refusal = self._placed(body)
+        if not placed and (self.flow.worker_closing or not self.live.has_room()):
             message.requeue()  # leave it for another worker
             self._pause()
             return
+        if placed:  # addressed to this worker: answer at once, never requeue
+            if self.flow.worker_closing:
+                refusal = ("busy", "shutting down")
+            if refusal is not None:
+                message.ack()
+                self._answer(body, {refusal[0]: refusal[1], "hostname": self.live.nodename})
+                return
         try:
             record = self._admit(session_id, body.get("new"))
         except ValueError:
@@ -267,6 +314,8 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         if record is None:
             message.ack()  # abandoned, admitted elsewhere, or addressed to another worker
+            if placed:
+                self._answer(body, {"taken": True, "hostname": self.live.nodename})
             return
         self.live.open(record)
         if body.get("move"):
@@ -276,6 +325,28 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         logger.info("sessionflow: admitted session %s", session_id)
         if not self.live.has_room():
             self._pause()
+
+    def _placed(self, body: dict[str, Any]) -> tuple[bool, tuple[str, str] | None]:
+        """(whether the request asks for placement, and if so this worker's refusal:
+        ``("mismatch" | "busy", why)``, or None when it may open here now)."""
+        spec, needs = body.get("new"), body.get("placed")
+        if needs is None and not (isinstance(spec, dict) and placed(spec)):
+            return False, None
+        try:
+            checked = Needs.checked(spec if isinstance(spec, dict) else needs)
+        except ValueError:
+            return True, ("mismatch", "malformed request")
+        return True, self.live.judge(checked)
+
+    def _answer(self, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Tell a placing client this worker's verdict (it tries the next worker at once)."""
+        reply = body.get("reply")
+        if not isinstance(reply, str) or not reply.startswith("sessionflow.created."):
+            return
+        try:
+            self.flow.app.backend.store_result(reply, answer, "SUCCESS")
+        except Exception:  # the client's wait for this worker times out instead
+            logger.exception("sessionflow: could not answer creation request %s", reply)
 
     def _admit(self, session_id: str, spec: Any) -> Any:
         """Open the session here: insert a new one, or take a pending (moving) one."""
@@ -288,6 +359,12 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         return self.flow.store.open_new(new, nodename, queue)
 
     def _reply(self, body: dict[str, Any], record: Any) -> None:
+        on_open = body.get("on_open")
+        if isinstance(on_open, dict):
+            try:  # the caller's callback, with the session id, as a plain task
+                self.flow.app.signature(on_open).apply_async(args=(record.id,))
+            except Exception:
+                logger.exception("sessionflow: could not send on_open of %s", record.id)
         reply = body.get("reply")
         if not isinstance(reply, str) or not reply.startswith("sessionflow.created."):
             return

@@ -111,7 +111,13 @@ class Ticker:
             if found is None or found[0] is not SessionStatus.OPEN:
                 live.end(session_id)  # ended (or deleted) elsewhere: settle it as its owner
         self.expire()
-        store.heartbeat(live.nodename, at=before, max_sessions=live.cap)
+        store.heartbeat(
+            live.nodename,
+            at=before,
+            max_sessions=live.cap,
+            resources=live.resources,
+            labels=live.labels,
+        )
 
     def expire(self) -> None:
         """Close sessions past execution_timeout, ttl or idle_timeout (from memory)."""

@@ -94,8 +94,8 @@ class SessionStore(ABC):
     # -- sessions --------------------------------------------------------------
 
     @abstractmethod
-    def create_pending(self, new: NewSession) -> None:
-        """Insert a pending session."""
+    def create_pending(self, new: NewSession) -> bool:
+        """Insert a pending session; False (nothing changed) if that id exists."""
 
     @abstractmethod
     def get_session(self, session_id: str, *, with_heartbeat: bool = False) -> SessionRecord | None:
@@ -125,13 +125,17 @@ class SessionStore(ABC):
 
     @abstractmethod
     def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
-        """Insert a session as open on ``nodename`` in one statement (creation without a
-        pending row); None if a session with that id exists (abandoned or taken)."""
+        """Open a new session on ``nodename`` in one statement: insert it, or open its
+        pending (not moving) row; None if the id exists otherwise (abandoned, taken)."""
 
     @abstractmethod
     def abandon_new(self, new: NewSession, reason: str) -> bool:
-        """Record a session nobody admitted as failed (``reason``); False if a session with
-        that id exists already (a worker admitted it after all)."""
+        """Record a session nobody admitted as failed (``reason``): insert it, or fail its
+        pending (not moving) row; False if a worker admitted it after all."""
+
+    @abstractmethod
+    def stale_pending(self) -> list[NewSession]:
+        """Pending (not moving) sessions whose ``creation_timeout`` has passed."""
 
     @abstractmethod
     def abandon_pending(self, session_id: str, reason: str) -> bool:
@@ -203,6 +207,10 @@ class SessionStore(ABC):
         """Moving sessions no worker took within their ``creation_timeout``."""
 
     @abstractmethod
+    def moving(self) -> list[SessionRecord]:
+        """Sessions that are changing workers (pending, moving), oldest first or any order."""
+
+    @abstractmethod
     def open_sessions(self, nodename: str) -> list[SessionRecord]:
         """Open sessions of a worker."""
 
@@ -253,8 +261,11 @@ class SessionStore(ABC):
         queue: str,
         max_sessions: int,
         is_alive: Callable[[str | None, int, float], bool],
+        resources: dict[str, int] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
-        """Record a worker process starting as ``nodename``.
+        """Record a worker process starting as ``nodename``, with its declared capacities
+        (``resources``, without ``sessions``: that is ``max_sessions``) and labels.
 
         If the row shows another process holding the name, ``is_alive(host, pid,
         heartbeat_age)`` decides whether it still runs; if so this raises
@@ -267,9 +278,16 @@ class SessionStore(ABC):
 
     @abstractmethod
     def heartbeat(
-        self, nodename: str, *, at: datetime | None = None, max_sessions: int | None = None
+        self,
+        nodename: str,
+        *,
+        at: datetime | None = None,
+        max_sessions: int | None = None,
+        resources: dict[str, int] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
-        """Stamp the worker's heartbeat with ``at`` (default: the store's clock now)."""
+        """Stamp the worker's heartbeat with ``at`` (default: the store's clock now); the
+        cap, capacities and labels given replace the stored ones (None: unchanged)."""
 
     @abstractmethod
     def worker_offline(self, nodename: str) -> None:
@@ -282,7 +300,9 @@ class SessionStore(ABC):
 
     @abstractmethod
     def workers(self) -> list[WorkerRecord]:
-        """Every worker the store knows, with heartbeat age and open sessions."""
+        """Every worker the store knows, by node name, with heartbeat age, open sessions,
+        capacities, labels and usage (the sum of the ``requires`` of its open sessions),
+        all read in one statement."""
 
     @abstractmethod
     def take_lease(self, name: str, holder: str, ttl: float) -> bool:

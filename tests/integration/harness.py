@@ -79,9 +79,16 @@ class WorkerProcess:
     nodename: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    log_start: int = 0  # the log file's size when this process started (it appends)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def own_log(self) -> str:
+        """What this process wrote (a restarted worker appends to its predecessor's log)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -232,6 +239,7 @@ class Stack:
             "--without-heartbeat",
             *extra,
         ]
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
                 cmd,
@@ -241,7 +249,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return WorkerProcess(name, f"{name}@{HOSTNAME}", popen, log_path)
+        return WorkerProcess(name, f"{name}@{HOSTNAME}", popen, log_path, log_start)
 
     def wait_ready(self, worker: WorkerProcess, timeout: float = 90) -> None:
         started = time.time()
@@ -249,7 +257,7 @@ class Stack:
         def ready() -> bool:
             if not worker.alive():
                 raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
-            return "ready." in worker.log()
+            return "ready." in worker.own_log()
 
         try:
             wait_until(ready, timeout, f"worker {worker.name} to be ready", interval=0.1)

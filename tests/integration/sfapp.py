@@ -77,6 +77,13 @@ def _define_tasks(app: Celery, data_dir: Path) -> None:
         time.sleep(seconds)
         return seconds
 
+    @app.task(name="sfapp.render", shared=False, bind=True)
+    def render(self: Any, seconds: float) -> dict[str, Any]:
+        """A task a worker may limit (--session-task-limits): when it ran, and where."""
+        started = time.time()
+        time.sleep(seconds)
+        return {"hostname": self.request.hostname, "started": started, "finished": time.time()}
+
     @app.task(name="sfapp.touch", shared=False, bind=True)
     def touch(self: Any, name: str) -> str:
         (data_dir / name).write_text(self.request.hostname or "")
@@ -87,6 +94,12 @@ def _define_tasks(app: Celery, data_dir: Path) -> None:
         session = current_session()
         assert session is not None, "spawn must run in a session"
         return str(session.apply_async(where, args=(arg,)).id)
+
+    @app.task(name="sfapp.opened", shared=False)
+    def opened(session_id: str) -> str:
+        """An on_open callback: leaves a file named after the session it was sent for."""
+        (data_dir / f"opened-{session_id}").write_text(session_id)
+        return session_id
 
     @app.task(name="sfapp.spawn_plain", shared=False)
     def spawn_plain(arg: Any, how: str = "delay") -> list[str]:

@@ -31,7 +31,9 @@ from harness import DB_PASSWORD, Stack, WorkerProcess, wait_until
 from sessionflow import SessionClosed, SessionCreationTimeout, SessionFlow, SessionState
 from sessionflow.celery_cli import sessions as sessions_cli
 from sessionflow.config import mask_url
+from sessionflow.store.sql.migrate import head_revision
 
+HEAD = head_revision()  # the revision a fresh store is at
 pytestmark = pytest.mark.integration
 GET = 30
 
@@ -184,6 +186,10 @@ SESSION_KEYS = {
     "age",
     "last_heartbeat_at",
     "heartbeat_age",
+    "requires",
+    "constraints",
+    "prefer",
+    "placement",
 }
 
 
@@ -318,7 +324,8 @@ def test_show_info_tasks_history_and_state(stack: Stack, flow: SessionFlow) -> N
         }
 
         text = cli(stack, "show", s.id).stdout
-        assert f"session    {s.id}" in text and 'metadata   {"job": 7}' in text
+        assert re.search(rf"^session +{s.id}$", text, re.M), text  # aligned labels
+        assert re.search(r'^metadata +\{"job": 7\}$', text, re.M), text
         assert "2 tasks\nTASK" in text and "history: 2 runs\nTASK" in text
         assert "state: 2 keys\nKEY" in text and "hello" not in text
         assert "hello" in cli(stack, "show", s.id, "--values").stdout
@@ -396,10 +403,19 @@ def test_workers_store_and_live_side_by_side(stack: Stack, flow: SessionFlow) ->
                 "host",
                 "queue",
                 "started_at",
+                "resources",
+                "used",
+                "labels",
             }
             assert row["store"]["status"] == "online"
             assert row["store"]["pid"] == worker.popen.pid
-            assert set(row["live"]) == {"cap", "open", "free", "admission_paused", "sessions"}
+            assert set(row["live"]) == {
+                *("cap", "open", "free", "admission_paused", "sessions"),
+                *("resources", "used", "labels", "task_limits"),
+            }
+            # w1, w2 declare no resources, labels or task limits (see test_placement.py)
+            assert (row["store"]["resources"], row["store"]["labels"]) == ({}, {})
+            assert (row["live"]["resources"], row["live"]["task_limits"]) == ({}, {})
             assert row["live"]["cap"] == row["store"]["cap"]
         assert s.id in rows[holder]["live"]["sessions"]
         assert rows[holder]["store"]["open"] >= 1
@@ -424,7 +440,7 @@ def test_workers_store_and_live_side_by_side(stack: Stack, flow: SessionFlow) ->
     assert alone.exit_code == 0
     lines = alone.stdout.splitlines()
     assert lines[1].split()[:2] == [ghost, "offline"]
-    assert lines[1].endswith("no answer")
+    assert lines[1].split()[-3:] == ["answer", "-", "-"]  # ADMISSION; no RESOURCES, LABELS
     assert lines[-1].startswith("no worker answered `inspect sessions` within 0.5 s")
     shape = cli_json(stack, "workers", "--worker", ghost, "--timeout", "0.5")
     assert shape["answered"] == [] and shape["workers"][0]["live"] is None
@@ -439,10 +455,10 @@ def test_db_current_and_upgrade(stack: Stack, flow: SessionFlow) -> None:
     masked = mask_url(flow.config.database_url)
     current = cli(stack, "db", "current")
     assert current.exit_code == 0
-    assert current.stdout == f"session store at {masked} is at revision 0004\n"
-    assert cli_json(stack, "db", "current") == {"url": masked, "revision": "0004"}
+    assert current.stdout == f"session store at {masked} is at revision {HEAD}\n"
+    assert cli_json(stack, "db", "current") == {"url": masked, "revision": HEAD}
     upgrade = cli(stack, "db", "upgrade")
-    assert upgrade.exit_code == 0 and upgrade.stdout.endswith("is at revision 0004\n")
+    assert upgrade.exit_code == 0 and upgrade.stdout.endswith(f"is at revision {HEAD}\n")
 
     bad = f"postgresql+psycopg://someone:{DB_PASSWORD}@127.0.0.1:1/nothing"
     failed = cli(stack, "db", "current", "--url", bad)
@@ -478,7 +494,10 @@ def test_inspect_sessions_and_control_cap(stack: Stack, flow: SessionFlow, w3: O
         done = celery(stack, "inspect", "sessions", "-d", w3.nodename, "--json")
         assert done.returncode == 0, done.stderr
         view = json.loads(done.stdout)[w3.nodename]
-        assert set(view) == {"nodename", "cap", "open", "free", "admission_paused", "sessions"}
+        assert set(view) == {
+            *("nodename", "cap", "open", "free", "admission_paused", "sessions"),
+            *("resources", "used", "labels", "task_limits"),
+        }
         assert (view["cap"], view["open"], view["free"], view["admission_paused"]) == (
             2,
             1,

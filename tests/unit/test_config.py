@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import Field, fields
@@ -91,6 +92,8 @@ def test_wrong_type_names_key_and_expectation(key: str, value: Any, hint: str) -
 
 
 def _wrong_values(field: Field[Any]) -> list[Any]:
+    if field.name == "engine_options":
+        return ["pool_size=3", [("pool_size", 3)]]
     if isinstance(field.default, bool):
         return ["yes", 1]
     if isinstance(field.default, (int, float)):
@@ -112,7 +115,10 @@ FLOATS = [f.name for f in fields(Config) if type(f.default) is float]
 def test_every_field_is_a_setting() -> None:
     assert len(fields(Config)) >= 7
     for field in fields(Config):
-        value = "s" * 32 if field.default is None else field.default
+        if field.default is dataclasses.MISSING:
+            value = {"pool_size": 3} if field.name == "engine_options" else field.default_factory()  # type: ignore[misc]
+        else:
+            value = "s" * 32 if field.default is None else field.default
         assert getattr(load_config(conf(**{field.name: value})), field.name) == value
 
 
@@ -246,3 +252,49 @@ def test_unsupported_or_malformed_url_refused(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         load_config(conf(database_url=url))
     assert ":pw@" not in str(info.value)
+
+
+def namespaced(**settings: Any) -> tuple[Any, str]:
+    """Settings as Django gives them: uppercase, behind the CELERY_ namespace."""
+
+    class Settings:
+        pass
+
+    obj = Settings()
+    for key, value in settings.items():
+        setattr(obj, key, value)
+    app = Celery("cfgns", set_as_current=False)
+    app.config_from_object(obj, namespace="CELERY")
+    return app.conf, app.namespace
+
+
+def test_celery_namespace_keys_are_read() -> None:
+    conf, ns = namespaced(
+        CELERY_SESSIONFLOW_DATABASE_URL="sqlite:////tmp/x.db", CELERY_SESSIONFLOW_RETENTION=0
+    )
+    config = load_config(conf, ns)
+    assert config.database_url == "sqlite:////tmp/x.db" and config.retention == 0
+
+
+def test_celery_namespace_typo_is_refused_as_written() -> None:
+    conf, ns = namespaced(CELERY_SESSIONFLOW_DATABSE_URL="sqlite:////tmp/x.db")
+    with pytest.raises(ConfigurationError, match="CELERY_SESSIONFLOW_DATABSE_URL"):
+        load_config(conf, ns)
+
+
+def test_errors_name_the_key_as_written() -> None:
+    conf, ns = namespaced(CELERY_SESSIONFLOW_HEARTBEAT_INTERVAL=-1)
+    with pytest.raises(ConfigurationError, match="CELERY_SESSIONFLOW_HEARTBEAT_INTERVAL"):
+        load_config(conf, ns)
+
+
+def test_sqlalchemy_url_objects_and_engine_options() -> None:
+    from sqlalchemy.engine import URL
+
+    url = URL.create("postgresql+psycopg", "alice", "hunter2", "db", 5432, "x")
+    config = load_config(conf(database_url=url, engine_options={"pool_size": 3}))
+    assert config.database_url == "postgresql+psycopg://alice:hunter2@db:5432/x"
+    assert config.engine_options == {"pool_size": 3}
+    assert "hunter2" not in repr(config) and "pool_size" not in repr(config)
+    with pytest.raises(ConfigurationError, match="engine_options"):
+        load_config(conf(engine_options={1: 2}))

@@ -11,7 +11,13 @@ import pytest
 from celery import Celery
 from sqlalchemy import create_engine, func, inspect, select, table
 
-from sessionflow import InvalidArgument, InvalidRecreateToken, SessionFlow, SessionNotFound
+from sessionflow import (
+    InvalidArgument,
+    InvalidRecreateToken,
+    SessionFlow,
+    SessionNotFound,
+    SessionState,
+)
 from sessionflow.canvas import QUEUE_HEADER, route_session_task
 from sessionflow.options import check_reducers
 from sessionflow.records import NewSession, utcnow
@@ -168,13 +174,13 @@ def test_get_session_unknown_and_pending_not_found(flow: SessionFlow) -> None:
         flow.get_session("no-such-session")
 
 
-def test_get_session_pending_is_not_found(flow: SessionFlow) -> None:
+def test_get_session_finds_pending_sessions(flow: SessionFlow) -> None:
+    """A session asked for without waiting (request_session) can be looked up and polled."""
     flow.store.create_pending(
         NewSession(id="p-1", created_at=utcnow(), creation_timeout=5.0, execution_timeout=5.0)
     )
-    with pytest.raises(SessionNotFound):
-        flow.get_session("p-1")
-    assert flow.list_sessions() == []
+    assert flow.get_session("p-1").info.state is SessionState.PENDING
+    assert flow.list_sessions() == []  # lists show sessions a worker took
 
 
 @pytest.mark.usefixtures("unchanged")
@@ -263,3 +269,20 @@ def test_routes_reassigned_after_install(app: Celery) -> None:
     assert SessionFlow(app) is flow
     assert routes(app).count(route_session_task) == 1
     assert session_route(app)["queue"].name == "sfq.worker.w1"
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize("on_commit", ["yes", 1, None])
+def test_request_session_rejects_an_on_commit_that_is_no_hook(
+    flow: SessionFlow, on_commit: Any
+) -> None:
+    with pytest.raises(InvalidArgument, match="on_commit must be"):
+        flow.request_session(creation_timeout=1, execution_timeout=1, on_commit=on_commit)
+
+
+def test_request_session_on_commit_hook_asks_only_when_called(flow: SessionFlow) -> None:
+    hooks: list[Any] = []
+    ask = flow.request_session(creation_timeout=5, execution_timeout=5, on_commit=hooks.append)
+    assert len(hooks) == 1 and not flow.registrar.has_session(ask.id)  # nothing asked yet
+    hooks[0]()  # the transaction commits
+    assert flow.registrar.has_session(ask.id) or flow.store.get_session(ask.id) is not None

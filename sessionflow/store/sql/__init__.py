@@ -7,14 +7,24 @@ from ..base import SessionStore
 from .branches import BranchesSQL
 from .engine import Engines
 from .retention import RetentionSQL
+from .runs import RunsSQL
 from .sessions import SessionsSQL
+from .settlement import SettlementSQL
 from .state import StateSQL
 from .tasks import TasksSQL
 from .workers import WorkersSQL
 
 
 class SQLStore(
-    SessionsSQL, TasksSQL, WorkersSQL, StateSQL, BranchesSQL, RetentionSQL, SessionStore
+    SessionsSQL,
+    TasksSQL,
+    SettlementSQL,
+    RunsSQL,
+    WorkersSQL,
+    StateSQL,
+    BranchesSQL,
+    RetentionSQL,
+    SessionStore,
 ):
     """:class:`~sessionflow.store.base.SessionStore` on SQLAlchemy 2.x."""
 

@@ -65,12 +65,12 @@ class Engines:
         config = self.config
         try:
             if not config.is_sqlite:
-                engine = create_engine(config.database_url)
+                engine = create_engine(config.database_url, **config.engine_options)
                 _ping_when_idle(engine)
                 return engine, engine
             return (
-                _sqlite_engine(config.database_url, immediate=True),
-                _sqlite_engine(config.database_url, immediate=False),
+                _sqlite_engine(config.database_url, config.engine_options, immediate=True),
+                _sqlite_engine(config.database_url, config.engine_options, immediate=False),
             )
         except Exception as exc:  # bad URL, missing driver; messages may carry the URL
             raise StoreError(
@@ -227,8 +227,8 @@ def _ping_when_idle(engine: Engine) -> None:
         record.info["sessionflow_used"] = time.monotonic()
 
 
-def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
-    engine = create_engine(url)
+def _sqlite_engine(url: str, options: dict[str, Any], *, immediate: bool) -> Engine:
+    engine = create_engine(url, **options)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

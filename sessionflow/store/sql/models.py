@@ -65,6 +65,8 @@ class Worker(Base):
     status: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime]
     last_heartbeat_at: Mapped[datetime]
+    resources: Mapped[dict[str, Any] | None]  # declared capacities, {"gpu": 2}
+    labels: Mapped[dict[str, Any] | None]
 
 
 class SessionRow(Base):
@@ -104,6 +106,10 @@ class SessionRow(Base):
     merge_policy: Mapped[str] = mapped_column(String(32), default="last_write_wins")
     reducers: Mapped[dict[str, Any] | None]
     settled_at: Mapped[datetime | None]
+    requires: Mapped[dict[str, Any] | None]  # placement, canonical (sessionflow.resources)
+    constraints: Mapped[dict[str, Any] | None]
+    prefer: Mapped[Any] = mapped_column(JSON, nullable=True)
+    placement: Mapped[str | None] = mapped_column(String(8))
 
 
 class SessionTask(Base):

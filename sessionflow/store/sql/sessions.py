@@ -6,7 +6,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, func, insert, or_, select, update
+from sqlalchemy import RowMapping, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -43,6 +43,10 @@ def _values(new: NewSession, status: str) -> dict[str, Any]:
         "reducers": new.reducers,
         "target_worker": new.target_worker,
         "recreated_from": new.recreated_from,
+        "requires": new.requires,
+        "constraints": new.constraints,
+        "prefer": new.prefer,
+        "placement": new.placement,
     }
 
 
@@ -50,6 +54,40 @@ def _insert_new(conn: Connection, values: dict[str, Any]) -> Any:
     """INSERT ... ON CONFLICT (id) DO NOTHING: of two racing inserts, one wins."""
     insert_ = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     return insert_(sessions).values(**values).on_conflict_do_nothing(index_elements=[S.id])
+
+
+def _upsert_pending(conn: Connection, values: dict[str, Any], columns: tuple[str, ...]) -> Any:
+    """Insert the session, or overwrite ``columns`` of its row if that is still pending
+    (and not moving): whatever the order, a new session is opened or abandoned once."""
+    insert_ = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert_(sessions).values(**values)
+    return stmt.on_conflict_do_update(
+        index_elements=[S.id],
+        set_={name: stmt.excluded[name] for name in columns},
+        where=and_(S.status == _PENDING, or_(S.reason.is_(None), S.reason != Reason.MOVING.value)),
+    )
+
+
+def _new_session(row: RowMapping) -> NewSession:
+    return NewSession(
+        id=row["id"],
+        created_at=row["created_at"],
+        creation_timeout=row["creation_timeout"],
+        execution_timeout=row["execution_timeout"],
+        heartbeat_timeout=row["heartbeat_timeout"],
+        user_id=row["user_id"],
+        agent_id=row["agent_id"],
+        metadata=row["metadata"],
+        ttl=row["ttl"],
+        idle_timeout=row["idle_timeout"],
+        max_turns=row["max_turns"],
+        survive_restart=bool(row["survive_restart"]),
+        affinity=row["affinity"],
+        merge_policy=row["merge_policy"],
+        reducers=row["reducers"],
+        target_worker=row["target_worker"],
+        recreated_from=row["recreated_from"],
+    )
 
 
 def session_record(row: RowMapping) -> SessionRecord:
@@ -82,6 +120,10 @@ def session_record(row: RowMapping) -> SessionRecord:
         target_worker=row["target_worker"],
         settled=row["settled_at"] is not None or row["status"] not in _ENDED,
         last_heartbeat_at=row.get("last_heartbeat_at"),
+        requires=row["requires"],
+        constraints=row["constraints"],
+        prefer=row["prefer"],
+        placement=row["placement"],
     )
 
 
@@ -90,9 +132,10 @@ class SessionsSQL:
 
     engines: Engines
 
-    def create_pending(self, new: NewSession) -> None:
+    def create_pending(self, new: NewSession) -> bool:
         with self.engines.single() as conn:
-            conn.execute(insert(sessions).values(**_values(new, _PENDING)))
+            row = conn.execute(_insert_new(conn, _values(new, _PENDING)).returning(S.id)).first()
+        return row is not None
 
     def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
         now = utcnow()
@@ -105,8 +148,10 @@ class SessionsSQL:
             deadline_at=now + timedelta(seconds=new.execution_timeout),
             expires_at=None if new.ttl is None else new.created_at + timedelta(seconds=new.ttl),
         )
+        taken = ("status", "hostname", "queue", "opened_at", "last_activity_at", "deadline_at")
         with self.engines.single() as conn:
-            row = conn.execute(_insert_new(conn, values).returning(sessions)).mappings().first()
+            stmt = _upsert_pending(conn, values, (*taken, "expires_at", "reason"))
+            row = conn.execute(stmt.returning(sessions)).mappings().first()
         return None if row is None else session_record(row)
 
     def abandon_new(self, new: NewSession, reason: str) -> bool:
@@ -114,8 +159,21 @@ class SessionsSQL:
         values = _values(new, SessionStatus.FAILED.value)
         values.update(reason=reason, closed_at=now, settled_at=now)
         with self.engines.single() as conn:
-            row = conn.execute(_insert_new(conn, values).returning(S.id)).first()
+            stmt = _upsert_pending(conn, values, ("status", "reason", "closed_at", "settled_at"))
+            row = conn.execute(stmt.returning(S.id)).first()
         return row is not None
+
+    def stale_pending(self) -> list[NewSession]:
+        now = utcnow()
+        with self.engines.read() as conn:
+            rows = conn.execute(
+                select(sessions).where(
+                    S.status == _PENDING,
+                    or_(S.reason.is_(None), S.reason != Reason.MOVING.value),
+                )
+            ).mappings()
+            found = [_new_session(row) for row in rows]
+        return [n for n in found if n.created_at + timedelta(seconds=n.creation_timeout) <= now]
 
     def get_session(self, session_id: str, *, with_heartbeat: bool = False) -> SessionRecord | None:
         query = select(sessions).where(S.id == session_id)
@@ -264,6 +322,13 @@ class SessionsSQL:
         return [
             r.id for r in rows if r.last_activity_at + timedelta(seconds=r.creation_timeout) <= now
         ]
+
+    def moving(self) -> list[SessionRecord]:
+        with self.engines.read() as conn:
+            rows = conn.execute(
+                select(sessions).where(S.status == _PENDING, S.reason == Reason.MOVING.value)
+            ).mappings()
+            return [session_record(row) for row in rows]
 
     def open_sessions(self, nodename: str) -> list[SessionRecord]:
         with self.engines.read() as conn:

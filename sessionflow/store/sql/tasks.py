@@ -1,4 +1,4 @@
-"""Task registrations, runs and history in SQL.
+"""Task registrations and their status in SQL (runs: ``runs.py``; ends: ``settlement.py``).
 
 Registering a dispatch is one statement on both databases: PostgreSQL takes the
 turns, inserts the task rows and the branch groups in one data-modifying WITH;
@@ -9,9 +9,6 @@ migration 0004).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
-from datetime import datetime, timezone
-from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -27,21 +24,17 @@ from sqlalchemy import (
     func,
     literal,
     not_,
-    or_,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Connection
 
-from ...enums import RUN_FINAL_STATES, RUN_LOST, RUN_STARTED, Reason, SessionStatus, TaskStatus
-from ...records import Dispatch, Ended, Run, RunRecord, TaskRecord, utcnow
+from ...enums import RUN_FINAL_STATES, RUN_LOST, RUN_STARTED, TaskStatus
+from ...records import Dispatch, TaskRecord
 from .engine import Engines
 from .models import UTCDateTime, branch_groups, runs, session_tasks, sessions
 
 T, R, S = session_tasks.c, runs.c, sessions.c
-_FINAL = tuple(RUN_FINAL_STATES)
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 _dispatches = Table(  # SQLite only; its triggers do the work
     "sf_dispatches",
@@ -162,31 +155,7 @@ class TasksSQL:
                     )
                 )
 
-    # -- runs ------------------------------------------------------------------------
-
-    def record_runs(self, batch: Sequence[Run]) -> None:
-        if not batch:
-            return
-        runs_ = _merged(batch)
-        with self.engines.single() as conn:
-            sqlite = conn.dialect.name == "sqlite"
-            stamp = _sqlite_time if sqlite else _as_is
-            params: list[Any] = []
-            for run in runs_:
-                params += (
-                    run.session_id,
-                    run.task_id,
-                    run.attempt,
-                    run.name,
-                    run.state,
-                    run.worker,
-                    stamp(run.started_at),
-                    stamp(run.finished_at),
-                    run.error,
-                )
-            # Hand-written: compiling a many-row Core statement per flush cost more CPU
-            # than executing it. Still one statement, seen by SQLAlchemy's events.
-            conn.exec_driver_sql(_runs_sql("?" if sqlite else "%s", len(runs_)), tuple(params))
+    # -- reading -------------------------------------------------------------------
 
     def tasks(self, session_id: str) -> list[TaskRecord]:
         latest = (
@@ -258,253 +227,6 @@ class TasksSQL:
                 )
             )
         return out
-
-    # -- settlement ----------------------------------------------------------------
-
-    def settle(
-        self, session_id: str, *, running: Collection[str] = (), lose_started: bool = False
-    ) -> Ended | None:
-        now = utcnow()
-        with self.engines.write() as conn:
-            row = conn.execute(
-                update(sessions)
-                .where(S.id == session_id, S.status.in_(_ENDED), S.settled_at.is_(None))
-                .values(settled_at=now)
-                .returning(S.status, S.reason)
-            ).first()
-            if row is None:
-                return None
-            started = _in_progress(running)
-            cancelled = _settle(conn, session_id, not_(started), TaskStatus.CANCELLED, now)
-            lost: list[str] = []
-            if lose_started:
-                lost = _settle(conn, session_id, started, TaskStatus.LOST, now)
-                _close_runs(conn, lost, now)
-        return Ended(
-            session_id, SessionStatus(row.status), row.reason or "", tuple(cancelled), tuple(lost)
-        )
-
-    def begin_move(self, session_id: str, hostname: str) -> Ended | None:
-        now = utcnow()
-        with self.engines.write() as conn:
-            result = conn.execute(
-                update(sessions)
-                .where(
-                    S.id == session_id, S.status == SessionStatus.OPEN.value, S.hostname == hostname
-                )
-                .values(
-                    status=SessionStatus.PENDING.value,
-                    reason=Reason.MOVING.value,
-                    hostname=None,
-                    queue=None,
-                    last_activity_at=now,
-                )
-            )
-            if result.rowcount != 1:
-                return None
-            lost = _settle(conn, session_id, _in_progress(()), TaskStatus.LOST, now)
-            _close_runs(conn, lost, now)
-        return Ended(session_id, SessionStatus.FAILED, "worker_lost", (), tuple(lost))
-
-    def lose_interrupted(self, nodename: str) -> list[Ended]:
-        now = utcnow()
-        with self.engines.write() as conn:
-            rows = conn.execute(
-                update(runs)
-                .where(R.worker == nodename, R.finished_at.is_(None))
-                .values(state=RUN_LOST, finished_at=now, error="the worker process died")
-                .returning(R.task_id, R.session_id)
-            ).all()
-            ids = [row.task_id for row in rows]
-            lost = (
-                conn.execute(
-                    update(session_tasks)
-                    .where(T.task_id.in_(ids), T.state == TaskStatus.PENDING.value, _unfinished())
-                    .values(state=TaskStatus.LOST.value, finished_at=now)
-                    .returning(T.task_id, T.session_id)
-                ).all()
-                if ids
-                else []
-            )
-        by_session: dict[str, list[str]] = {}
-        for row in lost:
-            by_session.setdefault(row.session_id, []).append(row.task_id)
-        return [
-            Ended(sid, SessionStatus.OPEN, "worker_restarted", (), tuple(ids))
-            for sid, ids in by_session.items()
-        ]
-
-    def lose_missing(
-        self, session_id: str, present: Collection[str], before: datetime
-    ) -> Ended | None:
-        condition = [
-            T.session_id == session_id,
-            T.state == TaskStatus.PENDING.value,
-            T.dispatched_at <= before,
-            _unfinished(),
-            not_(_in_progress(())),
-        ]
-        if present:
-            condition.append(T.task_id.not_in(sorted(present)))
-        now = utcnow()
-        with self.engines.write() as conn:
-            lost = list(
-                conn.execute(
-                    update(session_tasks)
-                    .where(*condition)
-                    .values(state=TaskStatus.LOST.value, finished_at=now)
-                    .returning(T.task_id)
-                ).scalars()
-            )
-        if not lost:
-            return None
-        return Ended(session_id, SessionStatus.OPEN, "worker_lost", (), tuple(lost))
-
-    # -- history -----------------------------------------------------------------------
-
-    def history(self, session_id: str, limit: int | None, bound: int) -> list[RunRecord]:
-        keep = bound if limit is None else min(limit, bound)
-        query = (
-            select(runs)
-            .where(R.session_id == session_id, R.finished_at.is_not(None))
-            .order_by(R.started_at.desc(), R.id.desc())
-            .limit(keep)
-        )
-        with self.engines.read() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [
-            RunRecord(
-                task_id=r["task_id"],
-                name=r["name"],
-                state=r["state"],
-                worker=r["worker"],
-                started_at=r["started_at"],
-                finished_at=r["finished_at"],
-                error=r["error"],
-            )
-            for r in reversed(rows)
-        ]
-
-    def compact(self, session_id: str, keep_last: int, bound: int | None = None) -> int:
-        with self.engines.write() as conn:
-            if bound is not None:
-                _trim(conn, session_id, bound)
-            return _trim(conn, session_id, keep_last)
-
-    def trim_history(self, bound: int, *, batch: int) -> int:
-        over = (
-            select(R.session_id)
-            .where(R.finished_at.is_not(None))
-            .group_by(R.session_id)
-            .having(func.count() > bound)
-            .limit(batch)
-        )
-        dropped = 0
-        with self.engines.write() as conn:
-            for session_id in conn.execute(over).scalars().all():
-                dropped += _trim(conn, session_id, bound)
-        return dropped
-
-
-_RUN_COLUMNS = "session_id, task_id, attempt, name, state, worker, started_at, finished_at, error"
-_RUN_CONFLICT = (
-    " ON CONFLICT (session_id, task_id, attempt) DO UPDATE SET"
-    # A run's end never goes back to "running": a late start record keeps the end.
-    " state = CASE WHEN sf_runs.finished_at IS NOT NULL THEN sf_runs.state"
-    " ELSE excluded.state END,"
-    " finished_at = COALESCE(sf_runs.finished_at, excluded.finished_at),"
-    " error = CASE WHEN sf_runs.finished_at IS NOT NULL THEN sf_runs.error"
-    " ELSE excluded.error END,"
-    " worker = COALESCE(excluded.worker, sf_runs.worker),"
-    " name = COALESCE(excluded.name, sf_runs.name)"
-)
-_RUNS_SQL: dict[tuple[str, int], str] = {}
-
-
-def _runs_sql(mark: str, rows: int) -> str:
-    """The upsert of ``rows`` runs, with the driver's parameter ``mark``."""
-    sql = _RUNS_SQL.get((mark, rows))
-    if sql is None:
-        one = "(" + ", ".join([mark] * 9) + ")"
-        sql = f"INSERT INTO sf_runs ({_RUN_COLUMNS}) VALUES " + ", ".join([one] * rows)
-        sql = _RUNS_SQL[(mark, rows)] = sql + _RUN_CONFLICT
-    return sql
-
-
-def _sqlite_time(value: datetime | None) -> str | None:
-    """A timestamp as SQLAlchemy stores it in SQLite: naive UTC, microseconds always."""
-    if value is None:
-        return None
-    value = value.astimezone(timezone.utc)
-    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _as_is(value: datetime | None) -> datetime | None:
-    return value
-
-
-def _merged(batch: Sequence[Run]) -> list[Run]:
-    """One row per (task, attempt): the end wins over the start of the same run."""
-    merged: dict[tuple[str, str, int], Run] = {}
-    for run in batch:
-        key = (run.session_id, run.task_id, run.attempt)
-        earlier = merged.get(key)
-        if earlier is None or earlier.finished_at is None:
-            merged[key] = run
-    return list(merged.values())
-
-
-def _in_progress(running: Collection[str]) -> Any:
-    """SQL: the task is running (the worker says so, or a run has no end yet)."""
-    started = exists().where(R.task_id == T.task_id, R.finished_at.is_(None))
-    if running:
-        return or_(T.task_id.in_(sorted(running)), started)
-    return started
-
-
-def _unfinished() -> Any:
-    """SQL: no run of the task ended in a final state."""
-    return not_(exists().where(R.task_id == T.task_id, R.state.in_(_FINAL)))
-
-
-def _settle(
-    conn: Connection, session_id: str, which: Any, status: TaskStatus, now: datetime
-) -> list[str]:
-    return list(
-        conn.execute(
-            update(session_tasks)
-            .where(
-                T.session_id == session_id,
-                T.state == TaskStatus.PENDING.value,
-                _unfinished(),
-                which,
-            )
-            .values(state=status.value, finished_at=now)
-            .returning(T.task_id)
-        ).scalars()
-    )
-
-
-def _close_runs(conn: Connection, task_ids: list[str], now: datetime) -> None:
-    if task_ids:
-        conn.execute(
-            update(runs)
-            .where(R.task_id.in_(task_ids), R.finished_at.is_(None))
-            .values(state=RUN_LOST, finished_at=now, error="the worker process died")
-        )
-
-
-def _trim(conn: Connection, session_id: str, keep: int) -> int:
-    older = (
-        select(R.id)
-        .where(R.session_id == session_id, R.finished_at.is_not(None))
-        .order_by(R.started_at.desc(), R.id.desc())
-        .offset(keep)
-    )
-    if conn.dialect.name == "sqlite":
-        older = older.limit(-1)
-    result = conn.execute(delete(runs).where(R.id.in_(older.scalar_subquery())))
-    return int(result.rowcount)
 
 
 __all__ = ["RUN_STARTED", "TasksSQL", "task_status"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -43,6 +44,17 @@ def literal_column_now(now: Any) -> Any:
     return (now if not isinstance(now, datetime) else literal(now, UTCDateTime())).label("now")
 
 
+def add_up(requested: Any) -> dict[str, int]:
+    """The sum of a worker's open sessions' ``requires`` (a JSON array, text on SQLite)."""
+    if isinstance(requested, (str, bytes)):
+        requested = json.loads(requested)
+    total: dict[str, int] = {}
+    for amounts in requested or ():
+        for name, amount in (amounts or {}).items():
+            total[name] = total.get(name, 0) + int(amount)
+    return total
+
+
 def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
@@ -61,6 +73,8 @@ class WorkersSQL:
         queue: str,
         max_sessions: int,
         is_alive: Callable[[str | None, int, float], bool],
+        resources: dict[str, int] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         values = {
             "host": host,
@@ -68,6 +82,8 @@ class WorkersSQL:
             "pid": pid,
             "max_sessions": max_sessions,
             "status": WorkerStatus.ONLINE.value,
+            "resources": dict(resources or {}),
+            "labels": dict(labels or {}),
         }
         with self.engines.write() as conn:
             now = db_now(conn)
@@ -110,7 +126,13 @@ class WorkersSQL:
             return db_now(conn)
 
     def heartbeat(
-        self, nodename: str, *, at: datetime | None = None, max_sessions: int | None = None
+        self,
+        nodename: str,
+        *,
+        at: datetime | None = None,
+        max_sessions: int | None = None,
+        resources: dict[str, int] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         with self.engines.single() as conn:
             now = func.now() if conn.dialect.name == "postgresql" else utcnow()
@@ -120,6 +142,10 @@ class WorkersSQL:
             }
             if max_sessions is not None:
                 values["max_sessions"] = max_sessions
+            if resources is not None:
+                values["resources"] = dict(resources)
+            if labels is not None:
+                values["labels"] = dict(labels)
             conn.execute(update(workers).where(W.nodename == nodename).values(**values))
 
     def worker_offline(self, nodename: str) -> None:
@@ -152,14 +178,23 @@ class WorkersSQL:
         ]
 
     def workers(self) -> list[WorkerRecord]:
-        open_count = (
-            select(func.count())
-            .where(S.hostname == W.nodename, S.status == SessionStatus.OPEN.value)
-            .scalar_subquery()
-        )
+        mine = (S.hostname == W.nodename, S.status == SessionStatus.OPEN.value)
+        open_count = select(func.count()).where(*mine).scalar_subquery()
         with self.engines.read() as conn:
+            # Usage in the same statement: the ``requires`` of every open session, as one
+            # JSON array per worker (added up below).
+            aggregate = (
+                func.json_agg(S.requires)
+                if conn.dialect.name == "postgresql"
+                else func.json_group_array(func.json(S.requires))
+            )
+            requested = select(aggregate).where(*mine, S.requires.is_not(None)).scalar_subquery()
             now = db_now(conn)
-            rows = conn.execute(select(workers, open_count.label("open")).order_by(W.nodename))
+            rows = conn.execute(
+                select(workers, open_count.label("open"), requested.label("requested")).order_by(
+                    W.nodename
+                )
+            )
             return [
                 WorkerRecord(
                     nodename=r.nodename,
@@ -172,6 +207,9 @@ class WorkersSQL:
                     last_heartbeat_at=r.last_heartbeat_at,
                     heartbeat_age=(now - aware(r.last_heartbeat_at)).total_seconds(),
                     open_sessions=int(r.open),
+                    resources=dict(r.resources or {}),
+                    labels=dict(r.labels or {}),
+                    usage=add_up(r.requested),
                 )
                 for r in rows
             ]

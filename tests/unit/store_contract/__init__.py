@@ -9,6 +9,7 @@ the store's conditional transitions, not timing, must decide them.
 
 from .branches import BranchesContract
 from .helpers import NODE, NODE2, QUEUE, QUEUE2, opened, pending, run, send, statuses_of
+from .placement import PlacementContract
 from .races import RacesContract
 from .runs import RunsContract
 from .sessions import SessionsContract
@@ -25,6 +26,7 @@ class StoreContract(
     StateContract,
     BranchesContract,
     RacesContract,
+    PlacementContract,
 ):
     """Every backend of the session store passes these; subclasses provide ``store``."""
 

@@ -6,10 +6,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-import pytest
-
 from sessionflow.enums import Reason, SessionStatus, TaskStatus
-from sessionflow.errors import StoreError
 from sessionflow.records import NewSession, utcnow
 from sessionflow.store.base import SessionStore
 from sessionflow.store.sql.migrate import head_revision
@@ -30,6 +27,12 @@ from .helpers import (
     sid,
     statuses_of,
 )
+
+
+def new_one(session_id: str | None = None) -> NewSession:
+    return NewSession(
+        id=session_id or sid(), created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0
+    )
 
 
 class SessionsContract(Contract):
@@ -103,11 +106,52 @@ class SessionsContract(Contract):
         assert found.settled is True and found.moving is False
         assert found.last_heartbeat_at is None
 
-    def test_create_pending_twice_is_a_store_error(self, store: SessionStore) -> None:
+    def test_create_pending_twice_changes_nothing(self, store: SessionStore) -> None:
         session_id = pending(store, user_id="first")
-        with pytest.raises(StoreError):
-            pending(store, id=session_id, user_id="second")
+        again = NewSession(
+            id=session_id,
+            created_at=utcnow(),
+            creation_timeout=1.0,
+            execution_timeout=9.0,
+            user_id="second",
+        )
+        assert store.create_pending(again) is False
         assert store.session_user(session_id) == "first"
+
+    def test_a_pending_row_written_late_or_early_opens_or_fails_once(
+        self, store: SessionStore
+    ) -> None:
+        """request_session writes its pending row in the background: the admitting
+        worker or the abandoning sweeper may come before or after it."""
+        early = NewSession(
+            id=sid(), created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0
+        )
+        assert store.create_pending(early)
+        opened_ = store.open_new(early, NODE, QUEUE)
+        assert opened_ is not None and opened_.status is SessionStatus.OPEN
+        assert store.create_pending(early) is False  # the late pending row changes nothing
+        assert store.abandon_new(early, "creation_timeout") is False
+        gone = NewSession(
+            id=sid(), created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0
+        )
+        assert store.create_pending(gone)
+        assert store.abandon_new(gone, "creation_timeout") is True
+        assert store.open_new(gone, NODE, QUEUE) is None
+        moving = opened(store, affinity="soft")
+        assert store.begin_move(moving, NODE) is not None
+        record = store.get_session(moving)
+        assert record is not None
+        twin = NewSession(
+            id=moving, created_at=utcnow(), creation_timeout=1.0, execution_timeout=9.0
+        )
+        assert store.open_new(twin, NODE2, QUEUE2) is None  # a move is admitted, not re-created
+
+    def test_stale_pending(self, store: SessionStore) -> None:
+        old = pending(store, created_at=utcnow() - timedelta(seconds=30), creation_timeout=5.0)
+        pending(store, creation_timeout=600.0)
+        moving = opened(store, affinity="soft")
+        store.begin_move(moving, NODE)
+        assert [n.id for n in store.stale_pending()] == [old]
 
     def test_records_are_copies(self, store: SessionStore) -> None:
         metadata = {"list": [1]}

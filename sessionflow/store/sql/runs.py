@@ -1,0 +1,161 @@
+"""Runs and history in SQL: each attempt of a session task, as workers report it.
+
+A batch of runs is one hand-written upsert; a run's end is never overwritten by a
+late report of its start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import Connection
+
+from ...records import Run, RunRecord
+from .engine import Engines
+from .models import runs
+
+R = runs.c
+
+
+class RunsSQL:
+    """Runs and history: a part of :class:`~sessionflow.store.sql.SQLStore`."""
+
+    engines: Engines
+
+    # -- runs ------------------------------------------------------------------------
+
+    def record_runs(self, batch: Sequence[Run]) -> None:
+        if not batch:
+            return
+        runs_ = _merged(batch)
+        with self.engines.single() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            stamp = _sqlite_time if sqlite else _as_is
+            params: list[Any] = []
+            for run in runs_:
+                params += (
+                    run.session_id,
+                    run.task_id,
+                    run.attempt,
+                    run.name,
+                    run.state,
+                    run.worker,
+                    stamp(run.started_at),
+                    stamp(run.finished_at),
+                    run.error,
+                )
+            # Hand-written: compiling a many-row Core statement per flush cost more CPU
+            # than executing it. Still one statement, seen by SQLAlchemy's events.
+            conn.exec_driver_sql(_runs_sql("?" if sqlite else "%s", len(runs_)), tuple(params))
+
+    # -- history -----------------------------------------------------------------------
+
+    def history(self, session_id: str, limit: int | None, bound: int) -> list[RunRecord]:
+        keep = bound if limit is None else min(limit, bound)
+        query = (
+            select(runs)
+            .where(R.session_id == session_id, R.finished_at.is_not(None))
+            .order_by(R.started_at.desc(), R.id.desc())
+            .limit(keep)
+        )
+        with self.engines.read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            RunRecord(
+                task_id=r["task_id"],
+                name=r["name"],
+                state=r["state"],
+                worker=r["worker"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                error=r["error"],
+            )
+            for r in reversed(rows)
+        ]
+
+    def compact(self, session_id: str, keep_last: int, bound: int | None = None) -> int:
+        with self.engines.write() as conn:
+            if bound is not None:
+                _trim(conn, session_id, bound)
+            return _trim(conn, session_id, keep_last)
+
+    def trim_history(self, bound: int, *, batch: int) -> int:
+        over = (
+            select(R.session_id)
+            .where(R.finished_at.is_not(None))
+            .group_by(R.session_id)
+            .having(func.count() > bound)
+            .limit(batch)
+        )
+        dropped = 0
+        with self.engines.write() as conn:
+            for session_id in conn.execute(over).scalars().all():
+                dropped += _trim(conn, session_id, bound)
+        return dropped
+
+
+_RUN_COLUMNS = "session_id, task_id, attempt, name, state, worker, started_at, finished_at, error"
+_RUN_CONFLICT = (
+    " ON CONFLICT (session_id, task_id, attempt) DO UPDATE SET"
+    # A run's end never goes back to "running": a late start record keeps the end.
+    " state = CASE WHEN sf_runs.finished_at IS NOT NULL THEN sf_runs.state"
+    " ELSE excluded.state END,"
+    " finished_at = COALESCE(sf_runs.finished_at, excluded.finished_at),"
+    " error = CASE WHEN sf_runs.finished_at IS NOT NULL THEN sf_runs.error"
+    " ELSE excluded.error END,"
+    " worker = COALESCE(excluded.worker, sf_runs.worker),"
+    " name = COALESCE(excluded.name, sf_runs.name)"
+)
+_RUNS_SQL: dict[tuple[str, int], str] = {}
+
+
+def _runs_sql(mark: str, rows: int) -> str:
+    """The upsert of ``rows`` runs, with the driver's parameter ``mark``."""
+    sql = _RUNS_SQL.get((mark, rows))
+    if sql is None:
+        one = "(" + ", ".join([mark] * 9) + ")"
+        sql = f"INSERT INTO sf_runs ({_RUN_COLUMNS}) VALUES " + ", ".join([one] * rows)
+        sql = _RUNS_SQL[(mark, rows)] = sql + _RUN_CONFLICT
+    return sql
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """A timestamp as SQLAlchemy stores it in SQLite: naive UTC, microseconds always."""
+    if value is None:
+        return None
+    value = value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _as_is(value: datetime | None) -> datetime | None:
+    return value
+
+
+def _merged(batch: Sequence[Run]) -> list[Run]:
+    """One row per (task, attempt): the end wins over the start of the same run."""
+    merged: dict[tuple[str, str, int], Run] = {}
+    for run in batch:
+        key = (run.session_id, run.task_id, run.attempt)
+        earlier = merged.get(key)
+        if earlier is None or earlier.finished_at is None:
+            merged[key] = run
+    return list(merged.values())
+
+
+def _trim(conn: Connection, session_id: str, keep: int) -> int:
+    older = (
+        select(R.id)
+        .where(R.session_id == session_id, R.finished_at.is_not(None))
+        .order_by(R.started_at.desc(), R.id.desc())
+        .offset(keep)
+    )
+    if conn.dialect.name == "sqlite":
+        older = older.limit(-1)
+    result = conn.execute(delete(runs).where(R.id.in_(older.scalar_subquery())))
+    return int(result.rowcount)
+
+
+__all__ = ["RunsSQL"]
