@@ -45,7 +45,8 @@ class Queues:
             restore_unacked(channel, source.name)
             producer = conn.Producer()
             held = []
-            for _ in range(bound.queue_declare(passive=True).message_count):
+            # Not passive: on Redis a queue without messages does not exist (NOT_FOUND).
+            for _ in range(bound.queue_declare().message_count):
                 message = bound.get(no_ack=False)
                 if message is None:
                     break
@@ -97,7 +98,8 @@ class Queues:
             bound.declare()
             producer = conn.Producer()
             keep = []
-            for _ in range(bound.queue_declare(passive=True).message_count):
+            # Not passive: on Redis a queue without messages does not exist (NOT_FOUND).
+            for _ in range(bound.queue_declare().message_count):
                 message = bound.get(no_ack=False)
                 if message is None:
                     break

@@ -317,3 +317,18 @@ def test_sigkill_between_a_task_end_and_the_flush(stack: Stack, flow: SessionFlo
     finally:
         slow.kill()
         del stack.workers["w3"]
+
+
+def test_survive_restart_with_an_empty_queue(stack: Stack, flow: SessionFlow) -> None:
+    """Nothing queued when the worker died: on Redis its session queue does not exist
+    then, and the restarted worker must not crash sorting it."""
+    s = flow.create_session(
+        creation_timeout=30, execution_timeout=600, survive_restart=True, heartbeat_timeout=20
+    )
+    where = task(stack, "where")
+    hostname = s.apply_async(where, args=(1,)).get(timeout=GET)["hostname"]
+    victim = stack.worker_of(s)
+    victim.kill()
+    stack.start_worker(victim.name)  # waits for "ready.": a crash at start fails here
+    assert s.info.state is SessionState.OPEN
+    assert s.apply_async(where, args=(2,)).get(timeout=GET)["hostname"] == hostname
