@@ -213,11 +213,16 @@ def test_solo_pool_runs_session_tasks_through_the_gate(stack: Stack, flow: Sessi
     try:
         s = flow.create_session(creation_timeout=30, execution_timeout=600)
         assert s.apply_async(where, args=(1,)).get(timeout=GET)["session"] == s.id
-        busy = s.apply_async(sleep, args=(1.5,))
+        # The solo worker's event loop is blocked while busy runs: complete() gets no reply
+        # within its 1 s and returns once the worker's ticker thread has applied the end.
+        # busy must outlast that by far, or the end would be a reply after busy, racing
+        # late's arrival (both legitimate; only the first is what this test is about).
+        busy = s.apply_async(sleep, args=(4.0,))
         late = s.apply_async(touch, args=("solo-late",))
         time.sleep(0.3)
         s.complete()
-        assert busy.get(timeout=GET) == 1.5
+        assert not busy.ready()  # complete() returned while busy still ran
+        assert busy.get(timeout=GET) == 4.0
         with pytest.raises(SessionClosed):
             late.get(timeout=GET)
         assert not (stack.root / "data" / "solo-late").exists()
