@@ -40,6 +40,7 @@ class Registrar:
         self._lock = threading.Condition()
         self._pending: dict[str, list[tuple[str, str | None]]] = {}
         self._sessions: list[NewSession] = []  # pending rows of requested sessions
+        self._writing: set[str] = set()  # ids of those a flush is writing right now
         self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
@@ -53,9 +54,10 @@ class Registrar:
         self._ensure_thread()
 
     def has_session(self, session_id: str) -> bool:
-        """Whether the pending row of this requested session is still to be written."""
+        """Whether the pending row of this requested session is still to be written (or
+        being written now: ``flush()`` then waits for that write)."""
         with self._lock:
-            return any(new.id == session_id for new in self._sessions)
+            return session_id in self._writing or any(n.id == session_id for n in self._sessions)
 
     def add_pending(self, new: NewSession) -> None:
         """Write the pending row of a requested session (``flow.request_session``)."""
@@ -102,6 +104,7 @@ class Registrar:
         with self._flushing:
             with self._lock:
                 sessions, self._sessions = self._sessions, []
+                self._writing = {new.id for new in sessions}
             try:
                 for new in sessions:  # rows of sessions asked for come first
                     self.store.create_pending(new)
@@ -109,6 +112,9 @@ class Registrar:
                 with self._lock:
                     self._sessions[:0] = sessions[sessions.index(new) :]
                 raise
+            finally:
+                with self._lock:
+                    self._writing = set()
             with self._lock:
                 ids = [session_id] if session_id is not None else list(self._pending)
                 batches = {sid: list(self._pending.get(sid, ())) for sid in ids}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,3 +287,23 @@ def test_request_session_on_commit_hook_asks_only_when_called(flow: SessionFlow)
     assert len(hooks) == 1 and not flow.registrar.has_session(ask.id)  # nothing asked yet
     hooks[0]()  # the transaction commits
     assert flow.registrar.has_session(ask.id) or flow.store.get_session(ask.id) is not None
+
+
+def test_get_session_waits_for_the_pending_row_being_written(
+    flow: SessionFlow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registrar's thread may be writing the row when get_session looks (seen in CI
+    as SessionNotFound): get_session must wait for that write, not miss it."""
+    entered, release = threading.Event(), threading.Event()
+    real = flow.store.create_pending
+
+    def slow(new: NewSession) -> bool:
+        entered.set()
+        release.wait(10)
+        return real(new)
+
+    monkeypatch.setattr(flow.store, "create_pending", slow)
+    ask = flow.request_session(creation_timeout=30, execution_timeout=30)
+    assert entered.wait(10)  # the background thread is in the middle of the write
+    threading.Timer(0.3, release.set).start()
+    assert flow.get_session(ask.id).info.state is SessionState.PENDING
