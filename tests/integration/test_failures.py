@@ -200,7 +200,9 @@ def test_time_limits_end_sessions_on_time(stack: Stack, flow: SessionFlow, limit
         s.apply_async(where, args=(1,)).get(timeout=GET)  # activity restarts the idle clock
         opened = time.monotonic()
     else:
-        blockers = [s.apply_async(sleep, args=(6,)) for _ in range(2)]
+        # Busy well past the limit (+4 s), so the end is applied before a slot frees for
+        # `waiting` even when the machine is slow to close the session (up to +2.5 s).
+        blockers = [s.apply_async(sleep, args=(8,)) for _ in range(2)]
         waiting = s.apply_async(touch, args=(f"limit-{limit}",))
     wait_state(s, SessionState.CLOSED, 15)
     took = time.monotonic() - opened
@@ -209,7 +211,7 @@ def test_time_limits_end_sessions_on_time(stack: Stack, flow: SessionFlow, limit
     if limit != "idle_timeout":
         with pytest.raises(SessionClosed):
             waiting.get(timeout=GET)
-        assert [b.get(timeout=GET) for b in blockers] == [6, 6]
+        assert [b.get(timeout=GET) for b in blockers] == [8, 8]
         assert markers(stack, f"limit-{limit}") == []
     # The slot is free again: both workers admit two sessions each.
     more = [flow.create_session(creation_timeout=10, execution_timeout=60) for _ in range(4)]
