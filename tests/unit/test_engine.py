@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from sessionflow.celery_ext.ticker import Ticker
 from sessionflow.enums import SessionStatus, TaskStatus
 from sessionflow.records import Ended, NewSession, utcnow
 from sessionflow.results import Resolver
-from sessionflow.store.sql.engine import translated
+from sessionflow.store.sql.engine import translated, use_wal
 
 
 def make_flow(tmp_path: Path) -> SessionFlow:
@@ -109,6 +111,67 @@ def test_worker_start_scan_has_an_index(flow: SessionFlow) -> None:
     finally:
         engine.dispose()
     assert any(ix["column_names"] == ["worker"] for ix in indexes)
+
+
+def _switch_to_wal(path: str, barrier: Any, answers: Any) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    barrier.wait()
+    try:
+        use_wal(conn.cursor())
+        answers.put("ok")
+    except sqlite3.Error as exc:
+        answers.put(str(exc))
+
+
+def test_processes_switching_a_fresh_database_to_wal_together_all_succeed(
+    tmp_path: Path,
+) -> None:
+    """Seen in CI: two workers started on a fresh SQLite store at once, and one exited
+    with 'database is locked' although busy_timeout was 30 s: SQLite answers a deadlocked
+    journal-mode switch at once. A bare PRAGMA failed in about a third of these rounds."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        path = str(tmp_path / f"fresh-{round_}.db")
+        barrier, answers = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_switch_to_wal, args=(path, barrier, answers)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        results = [answers.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        assert results == ["ok"] * 3, f"round {round_}: {results}"
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            conn.close()
+
+
+class LockedCursor:
+    """A cursor whose first ``locked`` calls fail as a deadlocked switch does."""
+
+    def __init__(self, locked: int, message: str = "database is locked") -> None:
+        self.locked, self.message, self.calls = locked, message, 0
+
+    def execute(self, sql: str) -> None:
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise sqlite3.OperationalError(self.message)
+
+
+def test_wal_switch_retries_a_lock_but_not_other_errors_nor_forever() -> None:
+    cursor = LockedCursor(locked=3)
+    use_wal(cursor)
+    assert cursor.calls == 4
+    other = LockedCursor(locked=1, message="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        use_wal(other)
+    assert other.calls == 1
+    stuck = LockedCursor(locked=10**9)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        use_wal(stuck, timeout=0.05)
+    assert stuck.calls > 1
 
 
 class FlakyQueues:

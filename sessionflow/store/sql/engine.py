@@ -9,6 +9,7 @@ created, ``db upgrade`` run) works without restarting the process.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -227,6 +228,30 @@ def _ping_when_idle(engine: Engine) -> None:
         record.info["sessionflow_used"] = time.monotonic()
 
 
+BUSY_TIMEOUT = 30.0  # seconds a SQLite statement waits for another process's lock
+
+
+def use_wal(cursor: Any, timeout: float = BUSY_TIMEOUT) -> None:
+    """Switch the database to WAL, retrying while another process switches it too.
+
+    Two processes that switch a fresh database at the same moment deadlock on the lock
+    upgrade, and SQLite answers one of them "database is locked" at once instead of
+    calling the busy handler (seen as a worker failing to start next to another). The
+    switch is idempotent, so waiting and asking again is safe.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _sqlite_engine(url: str, options: dict[str, Any], *, immediate: bool) -> Engine:
     engine = create_engine(url, **options)
 
@@ -234,8 +259,8 @@ def _sqlite_engine(url: str, options: dict[str, Any], *, immediate: bool) -> Eng
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event emits BEGIN below
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA busy_timeout = 30000")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        use_wal(cursor)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
