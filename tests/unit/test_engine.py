@@ -134,7 +134,9 @@ def test_processes_switching_a_fresh_database_to_wal_together_all_succeed(
     for round_ in range(20):
         path = str(tmp_path / f"fresh-{round_}.db")
         barrier, answers = ctx.Barrier(3), ctx.Queue()
-        procs = [ctx.Process(target=_switch_to_wal, args=(path, barrier, answers)) for _ in range(3)]
+        procs = [
+            ctx.Process(target=_switch_to_wal, args=(path, barrier, answers)) for _ in range(3)
+        ]
         for proc in procs:
             proc.start()
         results = [answers.get(timeout=60) for _ in procs]

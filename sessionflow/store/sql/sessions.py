@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,33 +22,23 @@ _OPEN, _PENDING = SessionStatus.OPEN.value, SessionStatus.PENDING.value
 _ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+_NEW_FIELDS = _names(NewSession)  # each is a column of sf_sessions, by the same name
+_RECORD_COLUMNS = tuple(
+    n
+    for n in _names(SessionRecord)
+    if n not in ("status", "survive_restart", "settled", "last_heartbeat_at")
+)
+
+
 def _values(new: NewSession, status: str) -> dict[str, Any]:
     """The columns of a new session row."""
-    return {
-        "id": new.id,
-        "status": status,
-        "turns": 0,
-        "created_at": new.created_at,
-        "creation_timeout": new.creation_timeout,
-        "execution_timeout": new.execution_timeout,
-        "heartbeat_timeout": new.heartbeat_timeout,
-        "user_id": new.user_id,
-        "agent_id": new.agent_id,
-        "metadata": new.metadata,
-        "ttl": new.ttl,
-        "idle_timeout": new.idle_timeout,
-        "max_turns": new.max_turns,
-        "survive_restart": new.survive_restart,
-        "affinity": new.affinity,
-        "merge_policy": new.merge_policy,
-        "reducers": new.reducers,
-        "target_worker": new.target_worker,
-        "recreated_from": new.recreated_from,
-        "requires": new.requires,
-        "constraints": new.constraints,
-        "prefer": new.prefer,
-        "placement": new.placement,
-    }
+    values = {name: getattr(new, name) for name in _NEW_FIELDS}
+    values.update(status=status, turns=0)
+    return values
 
 
 def _insert_new(conn: Connection, values: dict[str, Any]) -> Any:
@@ -69,61 +60,18 @@ def _upsert_pending(conn: Connection, values: dict[str, Any], columns: tuple[str
 
 
 def _new_session(row: RowMapping) -> NewSession:
-    return NewSession(
-        id=row["id"],
-        created_at=row["created_at"],
-        creation_timeout=row["creation_timeout"],
-        execution_timeout=row["execution_timeout"],
-        heartbeat_timeout=row["heartbeat_timeout"],
-        user_id=row["user_id"],
-        agent_id=row["agent_id"],
-        metadata=row["metadata"],
-        ttl=row["ttl"],
-        idle_timeout=row["idle_timeout"],
-        max_turns=row["max_turns"],
-        survive_restart=bool(row["survive_restart"]),
-        affinity=row["affinity"],
-        merge_policy=row["merge_policy"],
-        reducers=row["reducers"],
-        target_worker=row["target_worker"],
-        recreated_from=row["recreated_from"],
-    )
+    values = {name: row[name] for name in _NEW_FIELDS}
+    values["survive_restart"] = bool(values["survive_restart"])
+    return NewSession(**values)
 
 
 def session_record(row: RowMapping) -> SessionRecord:
     return SessionRecord(
-        id=row["id"],
         status=SessionStatus(row["status"]),
-        reason=row["reason"],
-        hostname=row["hostname"],
-        queue=row["queue"],
-        user_id=row["user_id"],
-        agent_id=row["agent_id"],
-        metadata=row["metadata"],
-        creation_timeout=row["creation_timeout"],
-        execution_timeout=row["execution_timeout"],
-        heartbeat_timeout=row["heartbeat_timeout"],
-        ttl=row["ttl"],
-        idle_timeout=row["idle_timeout"],
-        max_turns=row["max_turns"],
-        turns=row["turns"],
         survive_restart=bool(row["survive_restart"]),
-        affinity=row["affinity"],
-        merge_policy=row["merge_policy"],
-        reducers=row["reducers"],
-        created_at=row["created_at"],
-        opened_at=row["opened_at"],
-        deadline_at=row["deadline_at"],
-        expires_at=row["expires_at"],
-        closed_at=row["closed_at"],
-        recreated_from=row["recreated_from"],
-        target_worker=row["target_worker"],
         settled=row["settled_at"] is not None or row["status"] not in _ENDED,
-        last_heartbeat_at=row.get("last_heartbeat_at"),
-        requires=row["requires"],
-        constraints=row["constraints"],
-        prefer=row["prefer"],
-        placement=row["placement"],
+        last_heartbeat_at=row.get("last_heartbeat_at"),  # only when joined with its worker
+        **{name: row[name] for name in _RECORD_COLUMNS},
     )
 
 

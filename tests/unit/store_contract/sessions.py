@@ -153,6 +153,32 @@ class SessionsContract(Contract):
         store.begin_move(moving, NODE)
         assert [n.id for n in store.stale_pending()] == [old]
 
+    def test_stale_pending_gives_back_the_whole_specification(self, store: SessionStore) -> None:
+        """The SQL store dropped the placement fields (requires, constraints, prefer,
+        placement) from the specifications it gave back."""
+        new = NewSession(
+            id=sid(),
+            created_at=utcnow() - timedelta(seconds=30),
+            creation_timeout=5.0,
+            execution_timeout=9.0,
+            user_id="u",
+            agent_id="a",
+            metadata={"k": [1]},
+            ttl=60.0,
+            idle_timeout=30.0,
+            max_turns=4,
+            survive_restart=True,
+            affinity="soft",
+            merge_policy="reducers",
+            reducers={"n": "sum"},
+            requires={"gpu": 1},
+            constraints={"zone": ["eq", "eu"]},
+            prefer=[["label", "zone", "eu"]],
+            placement="pack",
+        )
+        assert store.create_pending(new)
+        assert store.stale_pending() == [new]
+
     def test_records_are_copies(self, store: SessionStore) -> None:
         metadata = {"list": [1]}
         session_id = pending(store, metadata=metadata)
