@@ -2,7 +2,8 @@
 
 ``sessionflow_retention`` (default 7 days, ``None`` keeps everything) is how long an
 ended session stays. The holder of the sweeper lease prunes every 30 seconds, in
-batches, so one pass never holds the store for long.
+batches, so one pass never holds the store for long; a pass that deleted rows then lets
+the database reuse their space (PostgreSQL: VACUUM, see ``SQLStore.reclaim``).
 """
 
 from __future__ import annotations
@@ -33,5 +34,7 @@ def prune(
         total = total + done
         if done.sessions < batch:
             break
-    store.trim_history(history_bound, batch=batch)
+    trimmed = store.trim_history(history_bound, batch=batch)
+    if total.sessions or trimmed:
+        store.reclaim()
     return total

@@ -393,5 +393,9 @@ class SessionStore(ABC):
     def trim_history(self, bound: int, *, batch: int) -> int:
         """Delete runs beyond the newest ``bound`` of each session; returns how many."""
 
+    @abstractmethod
+    def reclaim(self) -> None:
+        """Let the database reuse the space of deleted rows now (after a prune)."""
+
 
 __all__ = ["BranchStart", "Merger", "SessionStore", "StateWrite"]

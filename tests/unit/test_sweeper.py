@@ -25,6 +25,7 @@ from sessionflow.enums import Reason, SessionStatus, TaskStatus
 from sessionflow.queues import Queues
 from sessionflow.records import Dispatch, Ended, NewSession, Run, utcnow
 from sessionflow.results import Resolver
+from sessionflow.retention import prune as retention_prune
 from sessionflow.store.memory import MemoryStore
 from sessionflow.sweeper import LEASE, Sweeper
 
@@ -375,3 +376,27 @@ def test_two_sweepers_racing_on_one_dead_worker(
     assert statuses(store, soft) == {"s-q1": TaskStatus.PENDING, "s-late": TaskStatus.PENDING}
     assert a.resolver.lost() == set() and b.resolver.lost() == set()
     assert a.admissions == [((soft,), {"move": True})] and b.admissions == []
+
+
+class ReclaimCounting(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reclaims = 0
+
+    def reclaim(self) -> None:
+        self.reclaims += 1
+
+
+def test_a_prune_that_deleted_rows_reclaims_their_space_and_only_then() -> None:
+    store = ReclaimCounting()
+    assert retention_prune(store, 0, 1000).sessions == 0
+    assert store.reclaims == 0  # nothing went: no VACUUM every 30 s on an idle store
+    session_id = "s-ended"
+    store.create_pending(
+        NewSession(id=session_id, created_at=utcnow(), creation_timeout=5, execution_timeout=60)
+    )
+    store.admit(session_id, "w1@test", "q.w1")
+    store.end_session(session_id, SessionStatus.CLOSED, "completed")
+    store.settle(session_id)
+    assert retention_prune(store, 0, 1000).sessions == 1
+    assert store.reclaims == 1

@@ -246,6 +246,9 @@ class TasksMemory(MemoryBase):
             over = sorted(sid for sid, n in counts.items() if n > bound)[: max(batch, 0)]
             return sum(self._trim(sid, bound) for sid in over)
 
+    def reclaim(self) -> None:
+        """Nothing to do: deleted rows are garbage-collected."""
+
     # -- helpers (called with the lock held) -------------------------------------------
 
     def _session_tasks(self, session_id: str) -> list[TaskRow]:

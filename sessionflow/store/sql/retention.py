@@ -47,3 +47,25 @@ class RetentionSQL:
                 # Task rows, runs and branch groups go with their session (ON DELETE CASCADE).
                 conn.execute(delete(sessions).where(S.id.in_(ids)))
         return counts
+
+    def reclaim(self) -> None:
+        """PostgreSQL: VACUUM the tables pruning and churn leave dead rows in, so their
+        space is reused at once instead of when autovacuum next gets to them (without
+        it the files grew ~1 MB per 1,000 sessions under retention 0). Never blocks
+        readers or writers. SQLite reuses freed pages by itself: nothing to do."""
+        if self.engines.config.is_sqlite:
+            return
+        with self.engines.single() as conn:
+            conn.exec_driver_sql(f"VACUUM {', '.join(_CHURNED)}")
+
+
+# Rows deleted by pruning or rewritten by every session: sessions (status updates),
+# their tasks, runs, branches and session-scope state.
+_CHURNED = (
+    "sf_sessions",
+    "sf_session_tasks",
+    "sf_runs",
+    "sf_branch_groups",
+    "sf_branch_members",
+    "sf_state",
+)
