@@ -320,8 +320,10 @@ class Admission(bootsteps.StartStopStep):  # type: ignore[misc]
         self.live.open(record)
         if body.get("move"):
             self.worker.ticker.adopt(session_id)  # its parked tasks come in off the loop
-        message.ack()
+        # The waiting client hears first; the ack (a Redis round trip) follows. A crash in
+        # between redelivers the request, which then finds the session open and is dropped.
         self._reply(body, record)
+        message.ack()
         logger.info("sessionflow: admitted session %s", session_id)
         if not self.live.has_room():
             self._pause()
