@@ -6,28 +6,47 @@ and fail with ``JSONDecodeError: Expecting value`` (the message is lost; kombu
 issue #1551). Here every message is written under a name no consumer looks at
 and then renamed into place, which is atomic on one filesystem.
 
+kombu reads a queue's files in name order. Its names start with the time in
+milliseconds and then a random uuid, so messages one producer sent within the same
+millisecond came out in random order. Here a name starts with the monotonic clock in
+nanoseconds and a per-process sequence number: each producer's messages are consumed
+in the order it sent them, as Redis and RabbitMQ do.
+
 For demos and tests on one machine (``app.conf.update(fsbroker.settings(folder))``).
 Production uses Redis or RabbitMQ.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import uuid
 from pathlib import Path
-from time import monotonic
+from time import monotonic_ns
 from typing import Any
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
+_SEQUENCE = itertools.count()
+_SEQUENCE_LOCK = threading.Lock()
+
+
+def message_name(queue: str) -> str:
+    """The file name of a new message of ``queue``: later names sort after earlier ones
+    of this process (kombu takes the first name of a queue in sorted order)."""
+    with _SEQUENCE_LOCK:
+        stamp, seq = monotonic_ns(), next(_SEQUENCE)
+    return f"{stamp:020d}_{seq:012d}_{os.getpid()}_{uuid.uuid4().hex}.{queue}.msg"
+
 
 class Channel(filesystem.Channel):
-    """A filesystem channel whose messages appear in the folder complete or not at all."""
+    """A filesystem channel whose messages appear in the folder complete and in order."""
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        name = message_name(queue)
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".partial-{uuid.uuid4()}")
         try:
