@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, Table, delete, func, select
 from ...enums import SessionStatus
 from ...records import PruneCounts
 from .engine import Engines
-from .models import runs, session_tasks, sessions, state_entries
+from .models import branch_groups, branch_members, runs, session_tasks, sessions, state_entries
 
 S = sessions.c
 _ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
@@ -56,16 +56,9 @@ class RetentionSQL:
         if self.engines.config.is_sqlite:
             return
         with self.engines.single() as conn:
-            conn.exec_driver_sql(f"VACUUM {', '.join(_CHURNED)}")
+            conn.exec_driver_sql(f"VACUUM {', '.join(t.name for t in _CHURNED)}")
 
 
 # Rows deleted by pruning or rewritten by every session: sessions (status updates),
 # their tasks, runs, branches and session-scope state.
-_CHURNED = (
-    "sf_sessions",
-    "sf_session_tasks",
-    "sf_runs",
-    "sf_branch_groups",
-    "sf_branch_members",
-    "sf_state",
-)
+_CHURNED = (sessions, session_tasks, runs, branch_groups, branch_members, state_entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from dataclasses import fields
 from datetime import datetime, timedelta
@@ -10,7 +11,6 @@ from typing import Any
 from sqlalchemy import RowMapping, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
 
 from ...enums import Reason, SessionStatus
 from ...records import Ended, NewSession, SessionRecord, utcnow
@@ -41,41 +41,31 @@ def _values(new: NewSession, status: str) -> dict[str, Any]:
     return values
 
 
-# Statements built once per dialect and shape, executed with the row as parameters:
-# building an upsert (its ``excluded`` alias) cost more CPU than running it.
-_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+# Statements are built once per dialect and shape and executed with the row as
+# parameters: building an upsert (its ``excluded`` alias) cost more CPU than running it.
 
 
-def _insert(conn: Connection) -> Any:
-    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(sessions)
-
-
-def _insert_new(conn: Connection) -> Any:
+@functools.cache
+def _insert_new(dialect: str) -> Any:
     """INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id: of two racing inserts, one wins."""
-    key = ("insert_new", conn.dialect.name)
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = _insert(conn).on_conflict_do_nothing(index_elements=[S.id]).returning(S.id)
-        _STATEMENTS[key] = stmt
-    return stmt
+    return _insert(dialect).on_conflict_do_nothing(index_elements=[S.id]).returning(S.id)
 
 
-def _upsert_pending(conn: Connection, columns: tuple[str, ...], returning: Any) -> Any:
+@functools.cache
+def _upsert_pending(dialect: str, columns: tuple[str, ...], whole_row: bool) -> Any:
     """Insert the session, or overwrite ``columns`` of its row if that is still pending
-    (and not moving): whatever the order, a new session is opened or abandoned once."""
-    key = ("upsert_pending", conn.dialect.name, columns, returning)
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        insert_ = _insert(conn)
-        stmt = insert_.on_conflict_do_update(
-            index_elements=[S.id],
-            set_={name: insert_.excluded[name] for name in columns},
-            where=and_(
-                S.status == _PENDING, or_(S.reason.is_(None), S.reason != Reason.MOVING.value)
-            ),
-        ).returning(returning)
-        _STATEMENTS[key] = stmt
-    return stmt
+    (and not moving): whatever the order, a new session is opened or abandoned once.
+    Returns the row (``whole_row``) or its id."""
+    insert_ = _insert(dialect)
+    return insert_.on_conflict_do_update(
+        index_elements=[S.id],
+        set_={name: insert_.excluded[name] for name in columns},
+        where=and_(S.status == _PENDING, or_(S.reason.is_(None), S.reason != Reason.MOVING.value)),
+    ).returning(sessions if whole_row else S.id)
+
+
+def _insert(dialect: str) -> Any:
+    return (pg_insert if dialect == "postgresql" else sqlite_insert)(sessions)
 
 
 def _new_session(row: RowMapping) -> NewSession:
@@ -101,7 +91,7 @@ class SessionsSQL:
 
     def create_pending(self, new: NewSession) -> bool:
         with self.engines.single() as conn:
-            row = conn.execute(_insert_new(conn), _values(new, _PENDING)).first()
+            row = conn.execute(_insert_new(conn.dialect.name), _values(new, _PENDING)).first()
         return row is not None
 
     def open_new(self, new: NewSession, nodename: str, queue: str) -> SessionRecord | None:
@@ -117,7 +107,7 @@ class SessionsSQL:
         )
         taken = ("status", "hostname", "queue", "opened_at", "last_activity_at", "deadline_at")
         with self.engines.single() as conn:
-            stmt = _upsert_pending(conn, (*taken, "expires_at", "reason"), sessions)
+            stmt = _upsert_pending(conn.dialect.name, (*taken, "expires_at", "reason"), True)
             row = conn.execute(stmt, values).mappings().first()
         return None if row is None else session_record(row)
 
@@ -126,7 +116,9 @@ class SessionsSQL:
         values = _values(new, SessionStatus.FAILED.value)
         values.update(reason=reason, closed_at=now, settled_at=now)
         with self.engines.single() as conn:
-            stmt = _upsert_pending(conn, ("status", "reason", "closed_at", "settled_at"), S.id)
+            stmt = _upsert_pending(
+                conn.dialect.name, ("status", "reason", "closed_at", "settled_at"), False
+            )
             row = conn.execute(stmt, values).first()
         return row is not None
 
