@@ -40,12 +40,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built without network from a copy of the sources (keeps the tree clean)."""
     missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
     assert not missing, (
-        f"{', '.join(missing)} not installed in {sys.prefix}: add 'setuptools>=68' and "
+        f"{', '.join(missing)} not installed in {sys.prefix}: add 'setuptools>=77' and "
         "'wheel' to the test extras in pyproject.toml"
     )
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     for name in ("sessionflow", "migrations"):
@@ -84,6 +84,18 @@ def test_wheel_contains_migrations(wheel: Path) -> None:
         *(f"sessionflow/migrations/versions/{path.name}" for path in versions),
     }
     assert expected <= names, sorted(expected - names)
+
+
+def test_wheel_declares_an_spdx_license(wheel: Path) -> None:
+    """PEP 639: an SPDX expression and the license text (setuptools stops accepting the
+    ``license = {text = ...}`` table on 2027-02-18)."""
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines(), metadata[:800]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    text = archive.read(next(n for n in names if n.endswith("licenses/LICENSE"))).decode()
+    assert text.startswith("MIT License")
 
 
 def test_wheel_migrations_reach_head(wheel: Path, tmp_path: Path) -> None:
