@@ -24,6 +24,7 @@ from .errors import (
     StateConflict,
     StateValueError,
     StoreError,
+    StoreRefused,
     TurnLimitExceeded,
 )
 from .flow import SessionFlow
@@ -68,5 +69,6 @@ __all__ = [
     "StateConflict",
     "StateValueError",
     "StoreError",
+    "StoreRefused",
     "TurnLimitExceeded",
 ]

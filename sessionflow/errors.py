@@ -32,6 +32,11 @@ class StoreError(SessionFlowError):
     """The session store cannot be reached or its schema is not ready."""
 
 
+class StoreRefused(StoreError):
+    """The session store was reached but refused this write (a constraint it breaks, e.g.
+    a row of a session that no longer exists); trying the same write again will not help."""
+
+
 class SessionCreationTimeout(SessionFlowError):
     """No worker admitted the session within ``creation_timeout`` seconds."""
 

@@ -14,6 +14,19 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def storable(text: str | None) -> str | None:
+    """Text a task produced (its exception message), made storable on every database:
+    NUL (PostgreSQL text refuses it) and lone surrogates (no encoding) become U+FFFD."""
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
 @dataclass(frozen=True)
 class NewSession:
     """A session to create as pending: its id and validated options."""

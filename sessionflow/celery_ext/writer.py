@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import InvalidArgument, StoreRefused
 from ..records import Run
 from ..store import SessionStore
 
@@ -38,7 +39,7 @@ class Writer:
     def __init__(self, store: SessionStore, interval: float = 0.1) -> None:
         self.store = store
         self.interval = interval
-        self.dropped = 0  # rows lost to a store outage longer than the backlog (logged)
+        self.dropped = 0  # rows lost to an outage longer than the backlog or refused (logged)
         self.flushes = 0
         self._lock = threading.Condition()
         self._ends: deque[Run] = deque()
@@ -105,7 +106,7 @@ class Writer:
             if not rows:
                 return
             for first in range(0, len(rows), MAX_ROWS):
-                self.store.record_runs(rows[first : first + MAX_ROWS])
+                self._write(rows[first : first + MAX_ROWS])
             with self._lock:
                 for _ in range(len(batch)):
                     self._ends.popleft()
@@ -114,6 +115,39 @@ class Writer:
                     if entry is not None and entry[1] is make:
                         del self._starts[key]
             self.flushes += 1
+
+    def _write(self, rows: list[Run]) -> None:
+        """One statement. If the store refuses it (a row it will never take, say of a
+        session retention deleted while its task ran), row by row, and the refused rows
+        are dropped: kept, they would fail every later flush. An outage raises (every
+        row is kept; rows written already are written again, which changes nothing)."""
+        try:
+            self.store.record_runs(rows)
+            return
+        except (StoreRefused, InvalidArgument) as exc:
+            if len(rows) == 1:
+                self._drop([(rows[0], exc)])
+                return
+        refused: list[tuple[Run, Exception]] = []
+        for row in rows:
+            try:
+                self.store.record_runs([row])
+            except (StoreRefused, InvalidArgument) as exc:
+                refused.append((row, exc))
+        if refused:
+            self._drop(refused)
+
+    def _drop(self, refused: list[tuple[Run, Exception]]) -> None:
+        self.dropped += len(refused)
+        run, exc = refused[0]
+        logger.error(
+            "sessionflow: dropped %d task run(s) the store refused, e.g. %s[%s] of session %s: %s",
+            len(refused),
+            run.name,
+            run.task_id,
+            run.session_id,
+            exc,
+        )
 
     def stop(self) -> None:
         """Flush what is left and stop the thread."""

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ...enums import Reason, SessionStatus, TaskStatus, WorkerStatus
-from ...errors import StoreError
+from ...errors import StoreError, StoreRefused
 from ...merge import MISSING, copy_value
 from ...records import NewSession, SessionRecord, utcnow
 
@@ -200,7 +200,7 @@ def json_copy(value: Any) -> Any:
 def check_utc(value: datetime) -> None:
     """Refuse naive datetimes, as the SQL store's column type does."""
     if value.tzinfo is None:
-        raise StoreError("session store refused a naive datetime: pass timezone-aware UTC times")
+        raise StoreRefused("session store refused a naive datetime: pass timezone-aware UTC times")
 
 
 def make_entry(value: Any, size: int, version: int) -> Entry:

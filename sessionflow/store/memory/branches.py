@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...errors import StoreError
+from ...errors import StoreRefused
 from ...merge import MISSING, check_value, copy_value
 from ..base import BranchStart, Merger
 from ._data import Group, MemoryBase, Op, copy_ops, make_entry
@@ -50,7 +50,7 @@ class BranchesMemory(MemoryBase):
     def _group(self, group_id: str) -> Group:
         group = self._groups.get(group_id)
         if group is None:
-            raise StoreError(f"session store write refused: no branch group {group_id!r}")
+            raise StoreRefused(f"session store write refused: no branch group {group_id!r}")
         return group
 
     def _count(self, group_id: str, group: Group, n: int, merger: Merger) -> Exception | None:

@@ -8,8 +8,8 @@ from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 
 from ...enums import RUN_FINAL_STATES, RUN_LOST, Reason, SessionStatus, TaskStatus
-from ...errors import StoreError
-from ...records import Dispatch, Ended, Run, RunRecord, TaskRecord
+from ...errors import StoreRefused
+from ...records import Dispatch, Ended, Run, RunRecord, TaskRecord, storable
 from ..sql.tasks import task_status
 from ._data import ENDED, Group, MemoryBase, RunRow, TaskRow, check_utc
 
@@ -30,7 +30,7 @@ class TasksMemory(MemoryBase):
                 return None
             group_ids = [g.id for g in dispatch.groups]
             if len(set(group_ids)) != len(group_ids) or any(g in self._groups for g in group_ids):
-                raise StoreError("session store write refused: a branch group id exists")
+                raise StoreRefused("session store write refused: a branch group id exists")
             row.turns += n
             for task_id, name in dispatch.tasks:
                 if task_id not in self._tasks:
@@ -105,10 +105,11 @@ class TasksMemory(MemoryBase):
             merged = _merged(runs)
             unknown = sorted({r.session_id for r in merged} - set(self._sessions))
             if unknown:
-                raise StoreError(f"session store write refused: no session {unknown[0]!r}")
+                raise StoreRefused(f"session store write refused: no session {unknown[0]!r}")
             for run in merged:
                 key = (run.session_id, run.task_id, run.attempt)
                 old = self._runs.get(key)
+                error = storable(run.error)
                 if old is None:
                     self._run_ids += 1
                     self._runs[key] = RunRow(
@@ -116,19 +117,19 @@ class TasksMemory(MemoryBase):
                         run.task_id,
                         run.attempt,
                         run.session_id,
-                        run.name,
+                        storable(run.name),
                         run.state,
-                        run.worker,
+                        storable(run.worker),
                         run.started_at,
                         run.finished_at,
-                        run.error,
+                        error,
                     )
                     continue
                 # A run's end never goes back to "running": a late start record keeps it.
                 if old.finished_at is None:
-                    old.state, old.finished_at, old.error = run.state, run.finished_at, run.error
-                old.worker = run.worker if run.worker is not None else old.worker
-                old.name = run.name if run.name is not None else old.name
+                    old.state, old.finished_at, old.error = run.state, run.finished_at, error
+                old.worker = storable(run.worker) if run.worker is not None else old.worker
+                old.name = storable(run.name) if run.name is not None else old.name
 
     def tasks(self, session_id: str) -> list[TaskRecord]:
         with self._lock:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import (
 )
 
 from ...config import Config
-from ...errors import InvalidArgument, SessionFlowError, StoreError
+from ...errors import InvalidArgument, SessionFlowError, StoreError, StoreRefused
 from . import migrate
 
 _AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
@@ -178,7 +178,7 @@ def translated(what: str) -> Iterator[None]:
             f"the session store refused a value: {_reason(exc)}; nothing was written"
         ) from None
     except IntegrityError as exc:
-        raise StoreError(f"session store {what} refused: {_reason(exc)}") from None
+        raise StoreRefused(f"session store {what} refused: {_reason(exc)}") from None
     except DBAPIError as exc:
         message = _reason(exc)
         if "no such table" in message or "does not exist" in message:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from sessionflow.enums import Reason, SessionStatus, TaskStatus
-from sessionflow.errors import StoreError
+from sessionflow.errors import StoreRefused
 from sessionflow.records import utcnow
 from sessionflow.store.base import SessionStore
 
@@ -39,6 +39,22 @@ class RunsContract(Contract):
             start,
             end,
         )
+
+    def test_run_text_any_database_refuses_is_replaced(self, store: SessionStore) -> None:
+        """A task's exception message is not an input sessionflow can refuse: a NUL
+        (PostgreSQL text refuses it) or a lone surrogate (no database can encode it) is
+        stored as U+FFFD, and the rest of the batch with it."""
+        session_id = opened(store)
+        send(store, session_id, "t1", "t2")
+        store.record_runs(
+            [
+                run(session_id, "t1", "FAILURE", error="ValueError: a\x00b\udc80c"),
+                run(session_id, "t2", "SUCCESS"),
+            ]
+        )
+        first, second = store.history(session_id, None, 10)
+        assert (first.state, first.error) == ("FAILURE", "ValueError: a\ufffdb\ufffdc")
+        assert second.state == "SUCCESS"
 
     def test_a_finished_run_never_runs_again(self, store: SessionStore) -> None:
         session_id = opened(store)
@@ -130,7 +146,9 @@ class RunsContract(Contract):
     def test_record_runs_of_an_unknown_session_writes_nothing(self, store: SessionStore) -> None:
         session_id = opened(store)
         send(store, session_id, "t1")
-        with pytest.raises(StoreError):
+        # StoreRefused, not just StoreError: the worker's writer drops a refused row
+        # instead of keeping it (and every later row) for an outage to end.
+        with pytest.raises(StoreRefused):
             store.record_runs([run(session_id, "t1"), run("no-such-session", "t2")])
         assert statuses_of(store, session_id) == {"t1": TaskStatus.PENDING}
         store.record_runs([])
