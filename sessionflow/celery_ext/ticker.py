@@ -2,9 +2,9 @@
 
 Every ``sessionflow_heartbeat_interval``, in this order:
 
-1. sync: one query for the status of every session this worker holds; sessions
-   ended elsewhere (``complete()`` whose reply got lost, an operator) are settled
-   here, as their owner;
+1. sync: one query for the ids the store holds open on this worker (and the status
+   of any held session missing from them); sessions ended elsewhere (``complete()``
+   whose reply got lost, an operator) are settled here, as their owner;
 2. expiry: execution_timeout, ttl and idle_timeout, judged from memory;
 3. heartbeat, stamped with the time *before* the sync, so a client that sees a
    heartbeat later than an end knows this worker has applied that end;
@@ -105,8 +105,11 @@ class Ticker:
         store, live = self.flow.store, self.live
         before = store.clock()
         held = live.ids()
-        statuses = store.statuses(held)
-        for session_id in held:
+        # Only what the store no longer has open here needs a closer look (one cheap
+        # query a tick: binding every held id into statuses() cost 5x as much).
+        gone = set(held) - store.open_ids(live.nodename) if held else set()
+        statuses = store.statuses(gone) if gone else {}
+        for session_id in sorted(gone):
             found = statuses.get(session_id)
             if found is None or found[0] is not SessionStatus.OPEN:
                 live.end(session_id)  # ended (or deleted) elsewhere: settle it as its owner

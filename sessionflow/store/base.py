@@ -214,6 +214,11 @@ class SessionStore(ABC):
     def open_sessions(self, nodename: str) -> list[SessionRecord]:
         """Open sessions of a worker."""
 
+    @abstractmethod
+    def open_ids(self, nodename: str) -> set[str]:
+        """Ids of the open sessions of a worker: what its ticker checks every second
+        (one indexed query; :meth:`statuses` of a thousand ids cost it five times more)."""
+
     # -- tasks and runs ----------------------------------------------------------
 
     @abstractmethod

@@ -225,3 +225,31 @@ def test_warm_shutdown_ends_sessions_once_from_a_daemon_thread(flow: SessionFlow
     assert ends == [s.id]
     assert s.info.state.value == "failed" and s.info.reason == "worker_shutdown"
     assert all(t.status is not TaskStatus.PENDING for t in flow.store.tasks(s.id))
+
+
+def test_sync_asks_the_store_about_ended_sessions_only(flow: SessionFlow) -> None:
+    """The ticker's sync bound a thousand ids into one statuses() query every second;
+    now it reads the ids the store holds open here and asks only about the others."""
+    live = LiveSessions("w1@test", "q.w1", 5, flow.store, Resolver(flow.app), lambda: None)
+    held = [opened(flow) for _ in range(3)]
+    for s in held:
+        live.open(flow.store.get_session(s.id))  # type: ignore[arg-type]
+    asked: list[set[str]] = []
+    statuses = flow.store.statuses
+
+    def counting(ids: Any) -> Any:
+        asked.append(set(ids))
+        return statuses(ids)
+
+    flow.store.statuses = counting  # type: ignore[method-assign]
+    ticker = Ticker(flow, live)
+    try:
+        ticker.sync_and_beat()
+        assert asked == [] and sorted(live.ids()) == sorted(s.id for s in held)
+        assert flow.store.end_session(held[1].id, SessionStatus.CLOSED, "completed")
+        ticker.sync_and_beat()
+        assert asked == [{held[1].id}]
+        assert sorted(live.ids()) == sorted([held[0].id, held[2].id])
+        assert live.ended(held[1].id) == ("closed", "completed")
+    finally:
+        live.remove_dir()

@@ -210,6 +210,9 @@ class SessionsMemory(MemoryBase):
                 if row.hostname == nodename and row.status is SessionStatus.OPEN
             ]
 
+    def open_ids(self, nodename: str) -> set[str]:
+        return {record.id for record in self.open_sessions(nodename)}
+
     def session_user(self, session_id: str) -> str | None:
         with self._lock:
             row = self._sessions.get(session_id)

@@ -296,6 +296,11 @@ class SessionsSQL:
             ).mappings()
             return [session_record(row) for row in rows]
 
+    def open_ids(self, nodename: str) -> set[str]:
+        with self.engines.read() as conn:
+            query = select(S.id).where(S.hostname == nodename, S.status == _OPEN)
+            return set(conn.execute(query).scalars())
+
     def session_user(self, session_id: str) -> str | None:
         with self.engines.read() as conn:
             user: str | None = conn.execute(select(S.user_id).where(S.id == session_id)).scalar()

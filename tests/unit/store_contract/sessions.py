@@ -396,6 +396,16 @@ class SessionsContract(Contract):
         assert [r.id for r in store.open_sessions(NODE)] == [a]
         assert store.open_sessions("nobody@host") == []
 
+    def test_open_ids_of_a_worker(self, store: SessionStore) -> None:
+        a, b, c = opened(store), opened(store), opened(store, affinity="soft")
+        opened(store, node=NODE2, queue=QUEUE2)
+        pending(store)
+        assert store.open_ids(NODE) == {a, b, c}
+        assert store.end_session(b, SessionStatus.FAILED, "worker_lost")
+        store.begin_move(c, NODE)  # moving away: pending until another worker admits it
+        assert store.open_ids(NODE) == {a}
+        assert store.open_ids("nobody@host") == set()
+
     def test_session_user(self, store: SessionStore) -> None:
         assert store.session_user(pending(store, user_id="alice")) == "alice"
         assert store.session_user(pending(store)) is None
