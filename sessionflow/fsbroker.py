@@ -12,12 +12,20 @@ millisecond came out in random order. Here a name starts with the monotonic cloc
 nanoseconds and a per-process sequence number: each producer's messages are consumed
 in the order it sent them, as Redis and RabbitMQ do.
 
+Binding a queue to an exchange: kombu creates the exchange's table file empty and
+fills it afterwards, without a lock in between, so two processes starting together
+(two workers binding their queues) could read it empty (``JSONDecodeError``, the
+worker exits) or write over each other (a binding lost: messages to that queue were
+dropped). Here the table file is created with its content in one step, and changed
+only under an exclusive lock.
+
 For demos and tests on one machine (``app.conf.update(fsbroker.settings(folder))``).
 Production uses Redis or RabbitMQ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -28,7 +36,8 @@ from typing import Any
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
-from kombu.utils.json import dumps
+from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
+from kombu.utils.json import dumps, loads
 
 _SEQUENCE = itertools.count()
 _SEQUENCE_LOCK = threading.Lock()
@@ -55,6 +64,43 @@ class Channel(filesystem.Channel):
             os.replace(partial, final)
         except OSError as exc:
             raise ChannelError(f"cannot add message file {final!r}") from exc
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        path: Path = self._exchange_file(exchange)  # type: ignore[no-untyped-call]
+        self.control_folder.mkdir(exist_ok=True)
+        entry = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            if _create_complete(path, dumps([entry])):
+                return
+            with open(path, "rb+", buffering=0) as file:
+                lock(file, LOCK_EX)
+                try:
+                    table = [exchange_queue_t(*row) for row in loads(file.read().decode())]
+                    if entry not in table:
+                        table.insert(0, entry)
+                        file.seek(0)
+                        file.write(dumps(table).encode())
+                        file.truncate()
+                finally:
+                    unlock(file)
+        except OSError as exc:
+            raise ChannelError(f"cannot bind {queue!r} to exchange {exchange!r}") from exc
+
+
+def _create_complete(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` in one step; False if it exists already."""
+    partial = path.with_name(f".partial-{uuid.uuid4()}")
+    try:
+        with open(partial, "wb") as file:
+            file.write(text.encode())
+        try:
+            os.link(partial, path)  # fails if it exists: never replaces another's table
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 class Transport(filesystem.Transport):
