@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from .enums import Reason, SessionStatus, TaskStatus, WorkerStatus
+from .errors import StoreRefused
 from .placement import Needs, placed
 
 
@@ -25,6 +27,31 @@ def storable(text: str | None) -> str | None:
     except UnicodeEncodeError:
         text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
     return text
+
+
+def check_utc(value: datetime) -> None:
+    """Refuse naive datetimes, as the SQL store's column type does."""
+    if value.tzinfo is None:
+        raise StoreRefused("session store refused a naive datetime: pass timezone-aware UTC times")
+
+
+def runs_to_write(batch: Sequence[Run]) -> list[Run]:
+    """What a store writes of a batch of runs: one per (session, task, attempt), the end
+    winning over the start of the same run, with text made :func:`storable`."""
+    merged: dict[tuple[str, str, int], Run] = {}
+    for run in batch:
+        key = (run.session_id, run.task_id, run.attempt)
+        earlier = merged.get(key)
+        if earlier is None or earlier.finished_at is None:
+            merged[key] = run
+    return [_storable_run(run) for run in merged.values()]
+
+
+def _storable_run(run: Run) -> Run:
+    name, worker, error = storable(run.name), storable(run.worker), storable(run.error)
+    if name is run.name and worker is run.worker and error is run.error:
+        return run
+    return replace(run, name=name, worker=worker, error=error)
 
 
 @dataclass(frozen=True)

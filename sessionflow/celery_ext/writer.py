@@ -124,10 +124,8 @@ class Writer:
         try:
             self.store.record_runs(rows)
             return
-        except (StoreRefused, InvalidArgument) as exc:
-            if len(rows) == 1:
-                self._drop([(rows[0], exc)])
-                return
+        except (StoreRefused, InvalidArgument):
+            pass
         refused: list[tuple[Run, Exception]] = []
         for row in rows:
             try:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ...enums import Reason, SessionStatus, TaskStatus, WorkerStatus
-from ...errors import StoreError, StoreRefused
+from ...errors import StoreError
 from ...merge import MISSING, copy_value
 from ...records import NewSession, SessionRecord, utcnow
 
@@ -195,12 +195,6 @@ def json_copy(value: Any) -> Any:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
         raise StoreError(f"session store write failed: {type(exc).__name__}") from None
-
-
-def check_utc(value: datetime) -> None:
-    """Refuse naive datetimes, as the SQL store's column type does."""
-    if value.tzinfo is None:
-        raise StoreRefused("session store refused a naive datetime: pass timezone-aware UTC times")
 
 
 def make_entry(value: Any, size: int, version: int) -> Entry:

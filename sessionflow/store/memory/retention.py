@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ...records import PruneCounts
-from ._data import ENDED, MemoryBase, check_utc
+from ...records import PruneCounts, check_utc
+from ._data import ENDED, MemoryBase
 
 
 class RetentionMemory(MemoryBase):

@@ -6,8 +6,8 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from ...enums import SessionStatus
-from ...records import NewSession, SessionRecord
-from ._data import ENDED, MemoryBase, SessionRow, check_utc, is_moving, session_record, stored_copy
+from ...records import NewSession, SessionRecord, check_utc
+from ._data import ENDED, MemoryBase, SessionRow, is_moving, session_record, stored_copy
 
 
 class SessionsMemory(MemoryBase):

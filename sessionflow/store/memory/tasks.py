@@ -9,9 +9,9 @@ from datetime import datetime
 
 from ...enums import RUN_FINAL_STATES, RUN_LOST, Reason, SessionStatus, TaskStatus
 from ...errors import StoreRefused
-from ...records import Dispatch, Ended, Run, RunRecord, TaskRecord, storable
+from ...records import Dispatch, Ended, Run, RunRecord, TaskRecord, check_utc, runs_to_write
 from ..sql.tasks import task_status
-from ._data import ENDED, Group, MemoryBase, RunRow, TaskRow, check_utc
+from ._data import ENDED, Group, MemoryBase, RunRow, TaskRow
 
 _LOST_ERROR = "the worker process died"
 
@@ -102,14 +102,13 @@ class TasksMemory(MemoryBase):
             if run.finished_at is not None:
                 check_utc(run.finished_at)
         with self._lock:
-            merged = _merged(runs)
+            merged = runs_to_write(runs)
             unknown = sorted({r.session_id for r in merged} - set(self._sessions))
             if unknown:
                 raise StoreRefused(f"session store write refused: no session {unknown[0]!r}")
             for run in merged:
                 key = (run.session_id, run.task_id, run.attempt)
                 old = self._runs.get(key)
-                error = storable(run.error)
                 if old is None:
                     self._run_ids += 1
                     self._runs[key] = RunRow(
@@ -117,19 +116,19 @@ class TasksMemory(MemoryBase):
                         run.task_id,
                         run.attempt,
                         run.session_id,
-                        storable(run.name),
+                        run.name,
                         run.state,
-                        storable(run.worker),
+                        run.worker,
                         run.started_at,
                         run.finished_at,
-                        error,
+                        run.error,
                     )
                     continue
                 # A run's end never goes back to "running": a late start record keeps it.
                 if old.finished_at is None:
-                    old.state, old.finished_at, old.error = run.state, run.finished_at, error
-                old.worker = storable(run.worker) if run.worker is not None else old.worker
-                old.name = storable(run.name) if run.name is not None else old.name
+                    old.state, old.finished_at, old.error = run.state, run.finished_at, run.error
+                old.worker = run.worker if run.worker is not None else old.worker
+                old.name = run.name if run.name is not None else old.name
 
     def tasks(self, session_id: str) -> list[TaskRecord]:
         with self._lock:
@@ -296,14 +295,3 @@ class TasksMemory(MemoryBase):
         for run in older:
             del self._runs[(run.session_id, run.task_id, run.attempt)]
         return len(older)
-
-
-def _merged(batch: Sequence[Run]) -> list[Run]:
-    """One record per (session, task, attempt): the end wins over the start of the same run."""
-    merged: dict[tuple[str, str, int], Run] = {}
-    for run in batch:
-        key = (run.session_id, run.task_id, run.attempt)
-        earlier = merged.get(key)
-        if earlier is None or earlier.finished_at is None:
-            merged[key] = run
-    return list(merged.values())

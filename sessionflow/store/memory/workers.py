@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 from ...enums import SessionStatus, WorkerStatus
 from ...errors import NodeNameInUse
-from ...records import WorkerRecord
-from ._data import ENDED, MemoryBase, WorkerRow, check_utc
+from ...records import WorkerRecord, check_utc
+from ._data import ENDED, MemoryBase, WorkerRow
 
 
 class WorkersMemory(MemoryBase):

@@ -15,8 +15,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Connection
 
-from ...errors import StoreRefused
-from ...records import Run, RunRecord, storable
+from ...records import Run, RunRecord, check_utc, runs_to_write
 from .engine import Engines
 from .models import runs
 
@@ -33,7 +32,7 @@ class RunsSQL:
     def record_runs(self, batch: Sequence[Run]) -> None:
         if not batch:
             return
-        runs_ = _merged(batch)
+        runs_ = runs_to_write(batch)
         with self.engines.single() as conn:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(_PG_RUNS, (_pg_rows(runs_),))
@@ -44,12 +43,12 @@ class RunsSQL:
                     run.session_id,
                     run.task_id,
                     run.attempt,
-                    storable(run.name),
+                    run.name,
                     run.state,
-                    storable(run.worker),
+                    run.worker,
                     _sqlite_time(run.started_at),
                     _sqlite_time(run.finished_at),
-                    storable(run.error),
+                    run.error,
                 )
             # Hand-written: compiling a many-row Core statement per flush cost more CPU
             # than executing it. Still one statement, seen by SQLAlchemy's events.
@@ -131,12 +130,12 @@ def _pg_rows(runs_: Sequence[Run]) -> str:
                 "s": run.session_id,
                 "t": run.task_id,
                 "a": run.attempt,
-                "n": storable(run.name),
+                "n": run.name,
                 "st": run.state,
-                "w": storable(run.worker),
+                "w": run.worker,
                 "sa": _iso(run.started_at),
                 "fa": _iso(run.finished_at),
-                "e": storable(run.error),
+                "e": run.error,
             }
             for run in runs_
         ]
@@ -163,20 +162,8 @@ def _iso(value: datetime | None) -> str | None:
 
 def _utc(value: datetime) -> datetime:
     """``value`` in UTC; a naive one is refused, as the column type refuses it elsewhere."""
-    if value.tzinfo is None:
-        raise StoreRefused("session store refused a naive datetime: pass timezone-aware UTC times")
+    check_utc(value)
     return value.astimezone(timezone.utc)
-
-
-def _merged(batch: Sequence[Run]) -> list[Run]:
-    """One row per (task, attempt): the end wins over the start of the same run."""
-    merged: dict[tuple[str, str, int], Run] = {}
-    for run in batch:
-        key = (run.session_id, run.task_id, run.attempt)
-        earlier = merged.get(key)
-        if earlier is None or earlier.finished_at is None:
-            merged[key] = run
-    return list(merged.values())
 
 
 def _trim(conn: Connection, session_id: str, keep: int) -> int:
