@@ -138,8 +138,11 @@ class SessionStore(ABC):
         """Pending (not moving) sessions whose ``creation_timeout`` has passed."""
 
     @abstractmethod
-    def abandon_pending(self, session_id: str, reason: str) -> bool:
-        """Fail a pending, not moving session nobody admitted; False if it is not pending."""
+    def abandon_pending(
+        self, session_id: str, reason: str, *, status: SessionStatus = SessionStatus.FAILED
+    ) -> bool:
+        """End a pending, not moving session nobody admitted (failed, or ``status``: closed
+        when its caller completed it); False if it is not pending."""
 
     @abstractmethod
     def admit(self, session_id: str, nodename: str, queue: str) -> SessionRecord | None:

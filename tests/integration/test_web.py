@@ -59,6 +59,32 @@ def test_request_session_answers_at_once_and_is_found_pending(
             s.complete()
 
 
+def test_a_request_completed_before_a_worker_took_it_never_opens(
+    stack: Stack, flow: SessionFlow
+) -> None:
+    """A web view asks for a session, then its user leaves: complete() ends the request,
+    and the slot that frees later is not taken by it (it would be held until
+    execution_timeout)."""
+    full = [flow.create_session(creation_timeout=30, execution_timeout=600) for _ in range(4)]
+    try:
+        request = flow.request_session(
+            creation_timeout=30, execution_timeout=600, on_open=task(stack, "opened").s()
+        )
+        flow.get_session(request.id).complete()
+        with pytest.raises(SessionClosed):
+            request.wait(timeout=GET)
+        full.pop().complete()  # a slot frees: a worker reads the request and drops it
+        after = flow.create_session(creation_timeout=30, execution_timeout=60)
+        time.sleep(1.0)
+        assert flow.get_session(request.id).info.state is SessionState.CLOSED
+        assert not (stack.root / "data" / f"opened-{request.id}").exists()
+        assert request.id not in {s.id for s in flow.list_sessions(state="open")}
+        after.complete()
+    finally:
+        for s in full:
+            s.complete()
+
+
 def test_a_request_nobody_takes_fails_on_time(stack: Stack, flow: SessionFlow) -> None:
     full = [flow.create_session(creation_timeout=30, execution_timeout=600) for _ in range(4)]
     try:

@@ -15,11 +15,13 @@ from sqlalchemy import create_engine, func, inspect, select, table
 from sessionflow import (
     InvalidArgument,
     InvalidRecreateToken,
+    SessionClosed,
     SessionFlow,
     SessionNotFound,
     SessionState,
 )
 from sessionflow.canvas import QUEUE_HEADER, route_session_task
+from sessionflow.enums import SessionStatus
 from sessionflow.options import check_reducers
 from sessionflow.records import NewSession, utcnow
 from sessionflow.tokens import make_token
@@ -307,3 +309,37 @@ def test_get_session_waits_for_the_pending_row_being_written(
     assert entered.wait(10)  # the background thread is in the middle of the write
     threading.Timer(0.3, release.set).start()
     assert flow.get_session(ask.id).info.state is SessionState.PENDING
+
+
+def test_complete_ends_a_session_nobody_admitted_yet(flow: SessionFlow) -> None:
+    """complete() on a requested, not yet admitted session ends it: a worker freed later
+    must not open it (it would hold a slot until execution_timeout), and a waiting
+    handle learns it was closed instead of waiting on."""
+    ask = flow.request_session(creation_timeout=30, execution_timeout=600)
+    flow.get_session(ask.id).complete()
+    info = flow.get_session(ask.id).info
+    assert (info.state, info.reason) == (SessionState.CLOSED, "completed")
+    assert flow.store.admit(ask.id, "late@worker", "q") is None  # no worker opens it now
+    with pytest.raises(SessionClosed):
+        ask.wait(timeout=1)
+    flow.get_session(ask.id).complete()  # safe to call again
+    assert flow.get_session(ask.id).info.state is SessionState.CLOSED
+
+
+def test_complete_of_a_session_admitted_meanwhile_ends_it_as_open(flow: SessionFlow) -> None:
+    """A worker admits the session between complete()'s read and its write: the session
+    is ended as an open one (its worker is told), not left open."""
+    ask = flow.request_session(creation_timeout=30, execution_timeout=600)
+    flow.registrar.flush(ask.id)
+    real = flow.store.abandon_pending
+
+    def admitted_first(session_id: str, reason: str, **kwargs: Any) -> bool:
+        assert flow.store.admit(session_id, "w@nowhere", "q") is not None
+        return real(session_id, reason, **kwargs)
+
+    flow.store.abandon_pending = admitted_first  # type: ignore[method-assign]
+    try:
+        assert flow.end_session(ask.id, SessionStatus.CLOSED, "completed") is True
+    finally:
+        del flow.store.abandon_pending
+    assert flow.get_session(ask.id).info.state is SessionState.CLOSED

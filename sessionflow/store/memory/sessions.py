@@ -130,12 +130,14 @@ class SessionsMemory(MemoryBase):
             row.closed_at = row.settled_at = self._now()
             return True
 
-    def abandon_pending(self, session_id: str, reason: str) -> bool:
+    def abandon_pending(
+        self, session_id: str, reason: str, *, status: SessionStatus = SessionStatus.FAILED
+    ) -> bool:
         with self._lock:
             row = self._sessions.get(session_id)
             if row is None or row.status is not SessionStatus.PENDING or is_moving(row):
                 return False
-            row.status, row.reason = SessionStatus.FAILED, reason
+            row.status, row.reason = SessionStatus(status), reason
             row.closed_at = row.settled_at = self._now()  # nothing of it ever ran
             return True
 

@@ -186,7 +186,9 @@ class SessionsSQL:
             rows = conn.execute(select(S.id, S.status, S.reason).where(S.id.in_(ids))).all()
         return {row.id: (SessionStatus(row.status), row.reason) for row in rows}
 
-    def abandon_pending(self, session_id: str, reason: str) -> bool:
+    def abandon_pending(
+        self, session_id: str, reason: str, *, status: SessionStatus = SessionStatus.FAILED
+    ) -> bool:
         with self.engines.single() as conn:
             result = conn.execute(
                 update(sessions)
@@ -196,7 +198,7 @@ class SessionsSQL:
                     or_(S.reason.is_(None), S.reason != Reason.MOVING.value),
                 )
                 .values(
-                    status=SessionStatus.FAILED.value,
+                    status=SessionStatus(status).value,
                     reason=reason,
                     closed_at=utcnow(),
                     settled_at=utcnow(),

@@ -265,6 +265,16 @@ class SessionsContract(Contract):
         assert store.abandon_pending(opened(store), "creation_timeout") is False
         assert store.unsettled() == []
 
+    def test_abandon_pending_as_closed(self, store: SessionStore) -> None:
+        """A requested session its caller completed before any worker took it."""
+        session_id = pending(store)
+        assert store.abandon_pending(session_id, "completed", status=SessionStatus.CLOSED)
+        found = store.get_session(session_id)
+        assert found is not None and found.settled
+        assert (found.status, found.reason) == (SessionStatus.CLOSED, "completed")
+        assert store.admit(session_id, "w1@host", "q") is None
+        assert store.unsettled() == []
+
     def test_open_new_inserts_an_open_session_once(self, store: SessionStore) -> None:
         created = utcnow() - timedelta(seconds=5)
         new = NewSession(
