@@ -221,8 +221,8 @@ class SessionFlow(Creating):
     # -- ending sessions ----------------------------------------------------------------
 
     def end_session(self, session_id: str, status: SessionStatus, reason: str) -> bool:
-        """Close or fail an open session, or a requested one no worker admitted yet;
-        False if it was neither.
+        """Close or fail an open session, a requested one no worker admitted yet, or one
+        waiting for a new worker; False if it was none of these.
 
         The owning worker is told at once (a control command with a reply) and
         settles the session's unstarted tasks. If it does not answer, this waits
@@ -230,9 +230,14 @@ class SessionFlow(Creating):
         """
         self.session_cache.pop(session_id, None)
         record = self.store.get_session(session_id)
-        if record is not None and record.status is SessionStatus.PENDING and not record.moving:
-            # Asked for, not admitted yet: ended now, no worker opens it later.
-            if self.store.abandon_pending(session_id, reason, status=status):
+        if record is not None and record.status is SessionStatus.PENDING:
+            # Asked for and not admitted yet, or waiting for a new worker: ended now, no
+            # worker opens it later.
+            if record.moving:
+                ended = self.sweeper.end_move(session_id, status, reason)
+            else:
+                ended = self.store.abandon_pending(session_id, reason, status=status)
+            if ended:
                 return True
             record = self.store.get_session(session_id)  # a worker admitted it meanwhile
         if record is None or not self.store.end_session(session_id, status, reason):

@@ -110,19 +110,24 @@ class Sweeper:
         self._offer_moves()
 
     def _fail_move(self, session_id: str, why: str | None = None) -> None:
-        if self.store.end_session(
-            session_id,
-            SessionStatus.FAILED,
-            Reason.WORKER_LOST.value,
-            from_states=(SessionStatus.PENDING,),
-        ):
+        if self.end_move(session_id, SessionStatus.FAILED, Reason.WORKER_LOST.value):
             logger.warning(
                 "sessionflow: no worker took over session %s%s",
                 session_id,
                 f": {why}" if why else "",
             )
-            self._settle(session_id, lose_started=True)
-            self.queues.drop_parked(session_id)
+
+    def end_move(self, session_id: str, status: SessionStatus, reason: str) -> bool:
+        """End a session that waits for a new worker (no worker took it over, or its
+        caller completed it): its parked tasks are dropped, every unfinished task is
+        resolved, a run left on the dead worker is lost. False if it was not moving."""
+        if not self.store.end_session(
+            session_id, status, reason, from_states=(SessionStatus.PENDING,)
+        ):
+            return False
+        self._settle(session_id, lose_started=True)
+        self.queues.drop_parked(session_id)
+        return True
 
     def _place(self, record: SessionRecord) -> None:
         """Ask for a worker to take over a moving session: any with room (the shared

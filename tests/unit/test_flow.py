@@ -343,3 +343,17 @@ def test_complete_of_a_session_admitted_meanwhile_ends_it_as_open(flow: SessionF
     finally:
         del flow.store.abandon_pending
     assert flow.get_session(ask.id).info.state is SessionState.CLOSED
+
+
+def test_complete_ends_a_session_that_is_moving_to_another_worker(flow: SessionFlow) -> None:
+    """Its worker died and the session waits for another one (soft affinity): complete()
+    ends it then and there; no worker takes it over later."""
+    ask = flow.request_session(creation_timeout=30, execution_timeout=600, affinity="soft")
+    flow.registrar.flush(ask.id)
+    assert flow.store.admit(ask.id, "gone@host", "q-gone") is not None
+    assert flow.store.begin_move(ask.id, "gone@host") is not None
+    assert flow.store.get_session(ask.id).moving  # type: ignore[union-attr]
+    flow.get_session(ask.id).complete()
+    info = flow.get_session(ask.id).info
+    assert (info.state, info.reason) == (SessionState.CLOSED, "completed")
+    assert flow.store.admit(ask.id, "new@host", "q-new") is None

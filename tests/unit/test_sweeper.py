@@ -400,3 +400,24 @@ def test_a_prune_that_deleted_rows_reclaims_their_space_and_only_then() -> None:
     store.settle(session_id)
     assert retention_prune(store, 0, 1000).sessions == 1
     assert store.reclaims == 1
+
+
+def test_a_moving_session_its_caller_completes_ends_with_its_parked_tasks(
+    store: MemoryStore, clock: Clock, queues: FakeQueues, make_node: Callable[[str], Node]
+) -> None:
+    """complete() while the session waits for a new worker: it ends closed (no worker
+    takes it over later), its parked tasks are dropped and resolved, the run that was
+    on the dead worker is lost."""
+    soft = session(store, clock, "soft", affinity="soft", queued=("s-q1",), running=("s-r1",))
+    queues.publish(DEAD_QUEUE, ("s-q1", soft))
+    node = make_node("a")
+    node.tick()
+    clock.advance(6)
+    node.tick()  # the worker is gone: soft moves, its queued task is parked
+    assert queues.parked(soft) == ["s-q1"]
+    assert node.sweeper.end_move(soft, SessionStatus.CLOSED, "completed") is True
+    assert status(store, soft) == (SessionStatus.CLOSED, "completed")
+    assert queues.parked(soft) == []
+    assert statuses(store, soft) == {"s-q1": TaskStatus.CANCELLED, "s-r1": TaskStatus.LOST}
+    assert store.admit(soft, "new@host", "q") is None
+    assert node.sweeper.end_move(soft, SessionStatus.CLOSED, "completed") is False
