@@ -104,10 +104,13 @@ class WorkerProcess:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the worker and its pool processes so far; Linux only."""
-        total = 0.0
-        for pid in (self.popen.pid, *_children(self.popen.pid)):
-            total += _process_cpu(pid)
-        return total
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """CPU time so far of (the main process: event loop and threads, its pool
+        processes); Linux only."""
+        pool = sum(_process_cpu(pid) for pid in _children(self.popen.pid))
+        return _process_cpu(self.popen.pid), pool
 
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown; SIGKILL the whole process group if it takes too long."""
@@ -130,6 +133,26 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(child) for child in text.split()]
+
+
+def services_cpu() -> dict[str, float | None]:
+    """CPU time so far of the PostgreSQL and Redis server processes on this machine
+    (None: none found, e.g. a remote server). They share the CPUs with client and worker,
+    so they bound throughput as much as either; Linux only."""
+    found: dict[str, float | None] = {name: None for name in _SERVICES.values()}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = _SERVICES.get((entry / "comm").read_text().strip())
+        except OSError:
+            continue
+        if name is not None:
+            found[name] = (found[name] or 0.0) + _process_cpu(int(entry.name))
+    return found
+
+
+_SERVICES = {"postgres": "postgres", "redis-server": "redis"}  # process name: label
 
 
 def _process_cpu(pid: int) -> float:

@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import _sqlcount
 from _common import (
@@ -49,6 +49,7 @@ from _common import (
     median,
     percentile,
     print_table,
+    services_cpu,
     timed,
 )
 from _sqlcount import KINDS, Snapshot, StaleCounts, local_snapshot, read_dir
@@ -113,6 +114,13 @@ class Round:
     total_s: float  # first send until the last result is in
     client_cpu_s: float  # CPU time of this (client) process, first send to last result
     worker_cpu_s: float  # CPU time of the worker's main and pool processes in the window
+    # The same window split: the worker's main process (event loop, writer, ticker
+    # threads), its pool processes, and the database and Redis servers on this machine
+    # (None: not found here), which share the CPUs with client and worker.
+    worker_main_cpu_s: float = 0.0
+    worker_pool_cpu_s: float = 0.0
+    db_cpu_s: float | None = None
+    redis_cpu_s: float | None = None
     calls: int = 0
     canvas: str = "task"
     window_s: float = 0.0
@@ -148,6 +156,29 @@ class Phase:
             median([1000 * r.client_cpu_s / r.tasks for r in rounds]),
             median([1000 * r.worker_cpu_s / r.tasks for r in rounds]),
         )
+
+    def cpu_parts_us(self, kind: str) -> dict[str, float | None]:
+        """Median CPU microseconds per task of each part of the machine, and ``all``."""
+        rounds = self.of(kind)
+
+        def per_task(value: Callable[[Round], float | None]) -> float | None:
+            values = [value(r) for r in rounds]
+            if any(v is None for v in values):
+                return None
+            pairs = zip(values, rounds, strict=True)
+            return median([1e6 * cast(float, v) / r.tasks for v, r in pairs])
+
+        parts: dict[str, float | None] = {
+            "client": per_task(lambda r: r.client_cpu_s),
+            "worker main": per_task(lambda r: r.worker_main_cpu_s),
+            "worker pool": per_task(lambda r: r.worker_pool_cpu_s),
+            "database": per_task(lambda r: r.db_cpu_s),
+            "redis": per_task(lambda r: r.redis_cpu_s),
+        }
+        parts["all"] = per_task(
+            lambda r: r.client_cpu_s + r.worker_cpu_s + (r.db_cpu_s or 0.0) + (r.redis_cpu_s or 0.0)
+        )
+        return parts
 
     def median_rate(self, kind: str) -> float:
         return median(self.rates(kind))
@@ -186,7 +217,38 @@ class Results:
     wall_s: float = 0.0
 
 
-WorkerState = tuple[Snapshot, float, float]  # statement counts, worker CPU s, perf_counter
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds so far: the worker's main and pool processes, database, Redis."""
+
+    main: float
+    pool: float
+    db: float | None
+    redis: float | None
+
+    @classmethod
+    def now(cls, worker: WorkerProcess) -> Cpu:
+        main, pool = worker.cpu_split()
+        services = services_cpu()
+        return cls(main, pool, services["postgres"], services["redis"])
+
+    @property
+    def worker(self) -> float:
+        return self.main + self.pool
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        def minus(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else a - b
+
+        return Cpu(
+            self.main - other.main,
+            self.pool - other.pool,
+            minus(self.db, other.db),
+            minus(self.redis, other.redis),
+        )
+
+
+WorkerState = tuple[Snapshot, Cpu, float]  # statement counts, CPU so far, perf_counter
 
 
 class Bench:
@@ -227,7 +289,7 @@ class Bench:
                 snapshot = read_dir(self.stack.count_dir, time.time())
             except StaleCounts as exc:
                 raise BenchError(f"{exc}; is the worker stuck?") from None
-        return snapshot, self.worker.cpu_seconds(), time.perf_counter()
+        return snapshot, Cpu.now(self.worker), time.perf_counter()
 
     def client_counts(self) -> Snapshot:
         return local_snapshot() if self.count else Snapshot()
@@ -254,13 +316,18 @@ class Bench:
         client_cpu_s = time.process_time() - client_cpu
         client2 = self.client_counts()
         self._baseline = end_counts, end_cpu, end_t = self.worker_state()
+        cpu = end_cpu - base_cpu
         return Round(
             kind,
             tasks or calls,
             send_s=sent - started,
             total_s=ended - started,
             client_cpu_s=client_cpu_s,
-            worker_cpu_s=end_cpu - base_cpu,
+            worker_cpu_s=cpu.worker,
+            worker_main_cpu_s=cpu.main,
+            worker_pool_cpu_s=cpu.pool,
+            db_cpu_s=cpu.db,
+            redis_cpu_s=cpu.redis,
             calls=calls,
             canvas=canvas,
             window_s=end_t - base_t,
@@ -532,6 +599,10 @@ def table(results: dict[str, Results]) -> list[Row]:
         ),
         Row("client CPU ms per plain task", each(lambda r: cpu(r, "plain", 0))),
         Row("client CPU ms per session task", each(lambda r: cpu(r, "session", 0))),
+        Row(
+            "machine CPU (client, worker, db, Redis), session / plain",
+            each(lambda r: machine_ratio(r.phase1)),
+        ),
         Row("store statements (SQLAlchemy engine events)"),
     ]
     for canvas in CANVASES:
@@ -622,6 +693,7 @@ def print_raw(r: Results) -> None:
                 f"{phase.send_ms_per_task(kind):.3f} ms, CPU client {client_cpu:.3f} ms "
                 f"+ worker {worker_cpu:.3f} ms"
             )
+        print_cpu_parts(phase)
         ratios = phase.paired_ratios()
         print(
             f"    session/plain per round pair {fmt_list(ratios, 3)}  "
@@ -660,6 +732,32 @@ def print_raw(r: Results) -> None:
         )
     if r.counted:
         print_statements(r)
+
+
+def machine_ratio(phase: Phase) -> float | None:
+    """CPU of the whole machine per session task / per plain task: on a machine that
+    client, worker and servers share, (a) cannot be better than its inverse."""
+    session, plain = phase.cpu_parts_us("session")["all"], phase.cpu_parts_us("plain")["all"]
+    return None if session is None or plain is None else session / plain
+
+
+def print_cpu_parts(phase: Phase) -> None:
+    """Where each kind of task spends CPU on this machine, and how the session task's
+    extra CPU splits between the parts (what bounds (a) on a shared machine)."""
+    plain, session = phase.cpu_parts_us("plain"), phase.cpu_parts_us("session")
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0f}"
+
+    for kind, parts in (("plain", plain), ("session", session)):
+        text = ", ".join(f"{name} {shown(value)}" for name, value in parts.items())
+        print(f"    {kind:<7} CPU us per task: {text}")
+    extra = ", ".join(
+        f"{name} {session[name] - plain[name]:+.0f}"  # type: ignore[operator]
+        for name in plain
+        if plain[name] is not None and session[name] is not None
+    )
+    print(f"    session - plain, CPU us per task: {extra}")
 
 
 def print_statements(r: Results) -> None:
