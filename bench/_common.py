@@ -102,13 +102,9 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the worker and its pool processes so far; Linux only."""
-        return sum(self.cpu_split())
-
     def cpu_split(self) -> tuple[float, float]:
-        """CPU time so far of (the main process: event loop and threads, its pool
-        processes); Linux only."""
+        """CPU time (user + system) so far of (the main process: event loop and threads,
+        its pool processes); Linux only."""
         pool = sum(_process_cpu(pid) for pid in _children(self.popen.pid))
         return _process_cpu(self.popen.pid), pool
 

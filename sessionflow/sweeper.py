@@ -120,7 +120,8 @@ class Sweeper:
     def end_move(self, session_id: str, status: SessionStatus, reason: str) -> bool:
         """End a session that waits for a new worker (no worker took it over, or its
         caller completed it): its parked tasks are dropped, every unfinished task is
-        resolved, a run left on the dead worker is lost. False if it was not moving."""
+        resolved, a run left on the dead worker is lost. False if it is not pending any
+        more (a worker took it over meanwhile, or it ended); callers pass moving ones."""
         if not self.store.end_session(
             session_id, status, reason, from_states=(SessionStatus.PENDING,)
         ):

@@ -189,6 +189,7 @@ class SessionsSQL:
     def abandon_pending(
         self, session_id: str, reason: str, *, status: SessionStatus = SessionStatus.FAILED
     ) -> bool:
+        now = utcnow()  # nothing of it ever ran: settled when it ends
         with self.engines.single() as conn:
             result = conn.execute(
                 update(sessions)
@@ -200,8 +201,8 @@ class SessionsSQL:
                 .values(
                     status=SessionStatus(status).value,
                     reason=reason,
-                    closed_at=utcnow(),
-                    settled_at=utcnow(),
+                    closed_at=now,
+                    settled_at=now,
                 )
             )
             return result.rowcount == 1
