@@ -7,10 +7,12 @@ does not go to the shared creation queue. The client reads the live workers
 whole session, to the best one's own creation queue. That worker judges it
 against its live view, on its event loop, one request at a time, and answers
 through the result backend: admitted, ``busy`` or ``mismatch`` (its view was
-newer than ours); the client then tries the next worker at once. When every
-worker that could take it is full, the client re-reads the workers every
-0.02 s growing to 0.2 s, so a session that ends or a worker that joins is seen,
-until ``creation_timeout``.
+newer than ours); the client then tries the next worker at once. A worker that
+does not answer within ``ATTEMPT_TIMEOUT`` (busy elsewhere, or paused at its cap)
+is skipped until its answer comes in late or ``REASK_AFTER`` passes; then it is
+asked again. When every worker that could take it is full, the client re-reads
+the workers every 0.02 s growing to 0.2 s, so a session that ends or a worker
+that joins is seen, until ``creation_timeout``.
 
 No worker is ever over a capacity, because only a worker admits sessions onto
 itself. A request may reach two workers (one was slow to answer, the client
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sessionflow")
 ATTEMPT_TIMEOUT = 1.0  # seconds to wait for one worker's answer before trying the next
+REASK_AFTER = 5.0  # seconds before a worker that never answered is asked again
 VIEW_TTL = 0.25  # seconds a process trusts its last read of the workers for ranking
 _POLL_START, _POLL_MAX = 0.02, 0.2
 
@@ -103,9 +107,12 @@ class Placer:
         """
         needs, target = Needs.of(new), new.target_worker
         deadline = time.monotonic() + new.creation_timeout
-        asked, silent = 0, set()
-        fresh, delay = False, _POLL_START
+        asked, fresh, delay = 0, False, _POLL_START
+        silent: dict[str, tuple[str, float]] = {}  # nodename: (its unanswered reply id, when)
         while True:
+            late = self._hear_late(new.id, silent)
+            if late is not None:
+                return late
             offers = self._candidates(target, fresh)
             verdict = rank(offers, needs)
             if not verdict.could and not fresh:
@@ -120,11 +127,12 @@ class Placer:
                 if offer.nodename in silent:
                     continue
                 asked += 1
-                answer = self._ask(new, needs, offer.nodename, asked, deadline, on_open)
+                reply_id = f"sessionflow.created.{new.id}.{asked}"
+                answer = self._ask(new, needs, offer.nodename, reply_id, deadline, on_open)
                 if answer is None and self._admitted(new.id):
                     return self._admitted_by(new.id)
-                if answer is None:
-                    silent.add(offer.nodename)  # its request stays queued: it may still admit
+                if answer is None:  # its request stays queued: it may still admit
+                    silent[offer.nodename] = (reply_id, time.monotonic())
                 elif answer.get("taken"):  # another worker admitted it (we were slow)
                     return self._admitted_by(new.id)
                 elif answer.get("session_id"):
@@ -146,17 +154,43 @@ class Placer:
         offers = self.offers(fresh=fresh)
         return offers if target is None else [o for o in offers if o.nodename == target]
 
+    def _hear_late(self, session_id: str, silent: dict[str, tuple[str, float]]) -> str | None:
+        """Forget the workers that answered since they were skipped as silent (a late
+        ``busy`` must not keep the client from asking again once they have room), and
+        those silent for ``REASK_AFTER``; the worker's node name if one admitted."""
+        for nodename, (reply_id, since) in list(silent.items()):
+            answer = self._answer_of(reply_id)
+            if answer is not None and answer.get("session_id"):
+                return str(answer.get("hostname") or nodename)
+            if answer is not None and answer.get("taken"):
+                return self._admitted_by(session_id)
+            if answer is not None or time.monotonic() - since >= REASK_AFTER:
+                del silent[nodename]
+        return None
+
+    def _answer_of(self, reply_id: str) -> dict[str, Any] | None:
+        """A worker's answer to ``reply_id`` if it has come in (never waits)."""
+        backend = self.flow.app.backend
+        if isinstance(backend, DisabledBackend):
+            return None
+        try:
+            meta = backend.get_task_meta(reply_id)
+        except Exception:  # the backend is unreachable: the worker counts as silent
+            logger.debug("sessionflow: could not read the answer %s", reply_id, exc_info=True)
+            return None
+        result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+        return result if isinstance(result, dict) else None
+
     def _ask(
         self,
         new: NewSession,
         needs: Needs,
         nodename: str,
-        attempt: int,
+        reply_id: str,
         deadline: float,
         on_open: dict[str, Any] | None,
     ) -> dict[str, Any] | None:
         """Send the request to one worker; its answer, or None if it did not answer."""
-        reply_id = f"sessionflow.created.{new.id}.{attempt}"
         remaining = max(deadline - time.monotonic(), 0.001)
         self.flow.request_admission(
             new.id,
@@ -192,7 +226,7 @@ class Placer:
         return (record.hostname if record is not None else None) or ""
 
     def _timeout_text(
-        self, new: NewSession, needs: Needs, could: list[Offer], silent: set[str]
+        self, new: NewSession, needs: Needs, could: list[Offer], silent: Iterable[str]
     ) -> str:
         target = new.target_worker
         if target is not None and not could:
@@ -247,4 +281,4 @@ class Placer:
         return None
 
 
-__all__ = ["ATTEMPT_TIMEOUT", "Placer"]
+__all__ = ["ATTEMPT_TIMEOUT", "REASK_AFTER", "Placer"]
