@@ -4,9 +4,13 @@ The members of a group or chord header sent through ``Session.apply_async`` are
 branches. At dispatch (in the same statement that registers the tasks) each such
 group gets a row with its size; a group sent right away also gets a snapshot of
 the session's own keys, a group that starts later (after a chain step, or as a
-chord body) snapshots when its first task starts. Every task of a branch carries
-``sessionflow_branch = [group id, member, step, member length]`` in its headers,
-so tasks outside branches never look for one.
+chord body) snapshots when one of its tasks first uses the session state. Every
+task of a branch carries ``sessionflow_branch = [group id, member, step, member
+length]`` in its headers, so tasks outside branches never look for one.
+
+A branch task reads its view (the snapshot and its member's earlier steps) when
+its body first touches ``state``, not before the body starts: a branch task that
+never uses the state costs no store round trip on its way to its body.
 
 In a branch task, plain keys read ``snapshot + operations of the earlier steps of
 the same member + its own``, and writes only append to its operation log. When the
@@ -35,11 +39,12 @@ from celery.canvas import _chain, _chord, group
 
 from . import canvas
 from .canvas import BRANCH_HEADER
+from .errors import StoreRefused
 from .merge import Reducer, merge_branches, replay, resolve_reducers
 from .middleware import Middleware
 from .records import GroupSpec
 from .runtime import TaskRun
-from .state import _EXTRA_KEY, BranchView, State
+from .state import BranchView, State
 
 if TYPE_CHECKING:
     from .store import SessionStore
@@ -109,18 +114,31 @@ def _branch(run: TaskRun) -> list[Any] | None:
     return None
 
 
-def start_member(flow: Any, store: SessionStore, run: TaskRun) -> None:
-    """If ``run`` is a branch task, give it its private copy of the session state."""
+_UNLOADED = BranchView("", {})  # a branch task started; its view is read on first use
+
+
+def start_member(run: TaskRun) -> None:
+    """Mark a branch task as started: its private view is read when it first uses the
+    session state (:func:`member_state`), so nothing is read before its body."""
+    if _branch(run) is not None and _VIEW_KEY not in run.extra:
+        run.extra[_VIEW_KEY] = _UNLOADED
+
+
+def member_state(flow: Any, run: TaskRun) -> State:
+    """The State of a task: for a branch task, its private copy of the session state
+    (read now: the snapshot, taken now if the group has none yet, and the operations
+    of its member's earlier steps); write-through if the group was merged already."""
     branch = _branch(run)
-    if branch is None:
-        return
+    if branch is None or run.extra.get(_VIEW_KEY, _UNLOADED) is not _UNLOADED:
+        return State(flow, run.session_id)
     group_id, member, seq, _ = branch
-    found = store.branch_view(group_id, member, seq)
-    if found is None:
-        return  # the group was merged already (a late retry): write through
+    found = flow.store.branch_view(group_id, member, seq)
+    if found is None:  # the group was merged already (a late retry): write through
+        run.extra[_VIEW_KEY] = None
+        return State(flow, run.session_id)
     view = BranchView(group_id, replay(found.snapshot, found.earlier))
     run.extra[_VIEW_KEY] = view
-    run.extra[_EXTRA_KEY] = State(flow, run.session_id, branch=view)
+    return State(flow, run.session_id, branch=view)
 
 
 def finish_member(flow: Any, store: SessionStore, run: TaskRun) -> None:
@@ -133,7 +151,12 @@ def finish_member(flow: Any, store: SessionStore, run: TaskRun) -> None:
     if view is None or branch is None:
         return
     group_id, member, seq, _ = branch
-    error = store.branch_done(group_id, member, seq, list(view.ops), merger(flow.reducers))
+    try:
+        error = store.branch_done(group_id, member, seq, list(view.ops), merger(flow.reducers))
+    except StoreRefused:
+        if view is not _UNLOADED:
+            raise
+        error = None  # its group is gone (its session was pruned): nothing to save
     run.extra[_VIEW_KEY] = None  # saved: a failure after this point must not discard it
     if error is not None:
         raise error
@@ -141,13 +164,19 @@ def finish_member(flow: Any, store: SessionStore, run: TaskRun) -> None:
 
 def fail_member(flow: Any, store: SessionStore, run: TaskRun, state: str) -> None:
     """A branch task ended without saving: discard it and the later steps of its member."""
-    if state == states.RETRY or run.extra.get(_VIEW_KEY) is None:
+    view = run.extra.get(_VIEW_KEY)
+    if state == states.RETRY or view is None:
         return
     branch = _branch(run)
     if branch is None:
         return
     group_id, member, seq, member_len = branch
-    error = store.branch_failed(group_id, member, seq, member_len, merger(flow.reducers))
+    try:
+        error = store.branch_failed(group_id, member, seq, member_len, merger(flow.reducers))
+    except StoreRefused:
+        if view is not _UNLOADED:
+            raise
+        return  # its group is gone (its session was pruned): nothing to discard
     if error is not None:
         logger.error("branches of group %s were not merged: %s", group_id, error)
 
@@ -159,7 +188,7 @@ class BranchMiddleware(Middleware):
         self.flow = flow
 
     def before_body(self, run: TaskRun) -> None:
-        start_member(self.flow, self.flow.store, run)
+        start_member(run)
 
     def after_body(self, run: TaskRun, retval: Any) -> None:
         finish_member(self.flow, self.flow.store, run)

@@ -18,7 +18,8 @@ never read is written blindly. ``increment`` and ``append`` are atomic
 read-modify-writes under the row lock, so concurrent callers never lose updates.
 
 Inside a parallel branch (a member of a group or chord header dispatched through
-a session) plain keys read a snapshot taken at dispatch and writes go to the
+a session) plain keys read a snapshot (taken at dispatch, or for a group that
+starts later when one of its tasks first uses the state) and writes go to the
 branch's private copy; see :mod:`sessionflow.branches`.
 """
 
@@ -316,7 +317,9 @@ def state_for(session: Session) -> State:
     if run is not None and run.session_id == session.id:
         state = run.extra.get(_EXTRA_KEY)
         if state is None:
-            state = run.extra[_EXTRA_KEY] = State(session._flow, session.id)
+            from .branches import member_state
+
+            state = run.extra[_EXTRA_KEY] = member_state(session._flow, run)
         return state
     cached = session.__dict__.get(_EXTRA_KEY)
     if cached is None:
