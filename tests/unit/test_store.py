@@ -30,10 +30,12 @@ from store_contract import (
     send,
     statuses_of,
 )
+from store_contract.helpers import race, rules
 
 from sessionflow.config import Config
 from sessionflow.enums import SessionStatus, TaskStatus
 from sessionflow.errors import StoreError
+from sessionflow.records import GroupSpec
 from sessionflow.retention import prune as retention_prune
 from sessionflow.store import SessionStore, open_store
 from sessionflow.store.memory import MemoryStore
@@ -445,3 +447,50 @@ def test_pruned_space_is_reused(sql_store: SQLStore) -> None:
         assert retention_prune(store, 0, 1000).sessions == 150
         sizes.append(store_bytes(store))
     assert sizes[-1] <= sizes[1] + 16 * 1024, sizes  # a few pages of slack; it grew ~95 KiB a round
+
+
+# -- branches: the end of a group member -------------------------------------------------
+
+
+def test_a_group_member_ends_in_one_statement_on_postgres(pg_url: str) -> None:
+    """Insert of the step row and the group's count in one statement (a CTE): a member
+    that does not complete its group costs one round trip (two before)."""
+    store = SQLStore(Config(database_url=pg_url))
+    try:
+        session_id = opened(store)
+        send(store, session_id, "a", "b", groups=(GroupSpec("g1", 2, True),))
+        seen: list[str] = []
+
+        def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            seen.append(statement.split(None, 1)[0].upper())
+
+        engine = store.engines.get()[0]
+        event.listen(engine, "before_cursor_execute", before)
+        try:
+            assert store.branch_done("g1", 0, 0, [("increment", "n", 1)], rules) is None
+            assert seen == ["WITH"]
+            assert store.branch_done("g1", 0, 0, [("increment", "n", 1)], rules) is None
+            assert len(seen) == 2  # a redelivered member: counted once, nothing merged
+        finally:
+            event.remove(engine, "before_cursor_execute", before)
+        assert store.branch_done("g1", 1, 0, [("increment", "n", 2)], rules) is None
+        assert store.state_read("session", session_id, "n")[0] == 3
+        assert store.branch_view("g1", 0, 0) is None  # merged
+    finally:
+        store.dispose()
+
+
+def test_group_members_ending_at_once_merge_every_member_once(sql_store: SQLStore) -> None:
+    store = sql_store
+    session_id = opened(store)
+    ids = [f"m{i}" for i in range(8)]
+    send(store, session_id, *ids, groups=(GroupSpec("g8", 8, True),))
+    ends = [
+        (lambda i=i: store.branch_done("g8", i, 0, [("increment", "n", 1 << i)], rules))
+        if i % 3
+        else (lambda i=i: store.branch_failed("g8", i, 0, 1, rules))
+        for i in range(8)
+    ]
+    assert race(*ends) == [None] * 8
+    assert store.state_read("session", session_id, "n")[0] == sum(1 << i for i in range(8) if i % 3)
+    assert store.branch_view("g8", 0, 0) is None

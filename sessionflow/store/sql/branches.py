@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -30,6 +30,31 @@ def _insert_steps(conn: Connection, rows: list[dict[str, Any]]) -> int:
         stmt = insert(branch_members).values(**row).on_conflict_do_nothing().returning(M.seq)
         inserted += len(conn.execute(stmt).all())
     return inserted
+
+
+def _finish_steps(
+    conn: Connection, group_id: str, rows: list[dict[str, Any]], merger: Merger
+) -> Exception | None:
+    """Insert the step rows not there yet and count them finished; the step that
+    completes the group merges it. On PostgreSQL one statement does both (the insert
+    as a data-modifying CTE of the count's UPDATE): a group member ends in one round
+    trip, not two."""
+    if conn.dialect.name != "postgresql":
+        new = _insert_steps(conn, rows)
+        return _count(conn, group_id, new, merger) if new else None
+    inserted = (
+        pg_insert(branch_members).values(rows).on_conflict_do_nothing().returning(M.seq).cte("new")
+    )
+    added = select(func.count()).select_from(inserted).scalar_subquery()
+    row = conn.execute(
+        update(branch_groups)
+        .where(G.id == group_id, G.status == GROUP_OPEN, added > 0)
+        .values(finished=G.finished + added)
+        .returning(G.finished, G.size)
+    ).first()
+    if row is None or row.finished < row.size:
+        return None
+    return _merge(conn, group_id, merger)
 
 
 class BranchesSQL:
@@ -88,9 +113,7 @@ class BranchesSQL:
             "ops": [list(op) for op in ops],
         }
         with self.engines.write() as conn:
-            if _insert_steps(conn, [row]):
-                return _count(conn, group_id, 1, merger)
-        return None
+            return _finish_steps(conn, group_id, [row], merger)
 
     def branch_failed(
         self, group_id: str, member: int, seq: int, member_len: int, merger: Merger
@@ -100,10 +123,7 @@ class BranchesSQL:
             for s in range(seq, max(member_len, seq + 1))
         ]
         with self.engines.write() as conn:
-            dropped = _insert_steps(conn, rows)
-            if dropped:
-                return _count(conn, group_id, dropped, merger)
-        return None
+            return _finish_steps(conn, group_id, rows, merger)
 
 
 def _count(conn: Connection, group_id: str, n: int, merger: Merger) -> Exception | None:
