@@ -78,6 +78,20 @@ class ScriptedWorker:
             timer.join(5)
 
 
+def assert_admitted_on_second_request(
+    flow: SessionFlow, worker: ScriptedWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Create a session asking for the worker's 2 GPUs: it opens there, on the second ask."""
+    monkeypatch.setattr(flow, "request_admission", worker)
+    try:
+        session = flow.create_session(creation_timeout=3, execution_timeout=60, requires={"gpu": 2})
+    finally:
+        worker.join()
+    assert worker.requests == 2
+    record = flow.store.get_session(session.id)
+    assert record is not None and record.hostname == NODE
+
+
 def test_a_late_busy_answer_lets_the_client_ask_that_worker_again(
     make_flow: Callable[[str | None], SessionFlow], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -87,14 +101,7 @@ def test_a_late_busy_answer_lets_the_client_ask_that_worker_again(
     monkeypatch.setattr(placer_module, "ATTEMPT_TIMEOUT", 0.2)
     flow = make_flow("cache+memory://")
     worker = ScriptedWorker(flow, lambda n: ("busy", 0.4) if n == 1 else ("admit", 0.0))
-    monkeypatch.setattr(flow, "request_admission", worker)
-    try:
-        session = flow.create_session(creation_timeout=3, execution_timeout=60, requires={"gpu": 2})
-    finally:
-        worker.join()
-    assert worker.requests == 2
-    record = flow.store.get_session(session.id)
-    assert record is not None and record.hostname == NODE
+    assert_admitted_on_second_request(flow, worker, monkeypatch)
 
 
 def test_a_worker_silent_for_reask_after_is_asked_again_without_a_result_backend(
@@ -106,14 +113,7 @@ def test_a_worker_silent_for_reask_after_is_asked_again_without_a_result_backend
     monkeypatch.setattr(placer_module, "REASK_AFTER", 0.5)
     flow = make_flow(None)
     worker = ScriptedWorker(flow, lambda n: None if n == 1 else ("admit", 0.0))
-    monkeypatch.setattr(flow, "request_admission", worker)
-    try:
-        session = flow.create_session(creation_timeout=3, execution_timeout=60, requires={"gpu": 2})
-    finally:
-        worker.join()
-    assert worker.requests == 2
-    record = flow.store.get_session(session.id)
-    assert record is not None and record.hostname == NODE
+    assert_admitted_on_second_request(flow, worker, monkeypatch)
 
 
 def test_a_worker_that_never_answers_is_asked_once_per_reask_after_then_times_out(

@@ -23,12 +23,11 @@ Op = tuple[str, str, Any]
 
 
 def _insert_steps(conn: Connection, rows: list[dict[str, Any]]) -> int:
-    """Insert the step rows that are not there yet; returns how many were new."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    """Insert the step rows that are not there yet (SQLite); returns how many were new."""
     inserted = 0
     for row in rows:
-        stmt = insert(branch_members).values(**row).on_conflict_do_nothing().returning(M.seq)
-        inserted += len(conn.execute(stmt).all())
+        stmt = sqlite_insert(branch_members).values(**row).on_conflict_do_nothing()
+        inserted += len(conn.execute(stmt.returning(M.seq)).all())
     return inserted
 
 
@@ -46,15 +45,7 @@ def _finish_steps(
         pg_insert(branch_members).values(rows).on_conflict_do_nothing().returning(M.seq).cte("new")
     )
     added = select(func.count()).select_from(inserted).scalar_subquery()
-    row = conn.execute(
-        update(branch_groups)
-        .where(G.id == group_id, G.status == GROUP_OPEN, added > 0)
-        .values(finished=G.finished + added)
-        .returning(G.finished, G.size)
-    ).first()
-    if row is None or row.finished < row.size:
-        return None
-    return _merge(conn, group_id, merger)
+    return _count(conn, group_id, added, merger, added > 0)
 
 
 class BranchesSQL:
@@ -126,10 +117,14 @@ class BranchesSQL:
             return _finish_steps(conn, group_id, rows, merger)
 
 
-def _count(conn: Connection, group_id: str, n: int, merger: Merger) -> Exception | None:
+def _count(
+    conn: Connection, group_id: str, n: Any, merger: Merger, *where: Any
+) -> Exception | None:
+    """Count ``n`` more steps of an open group finished (a number, or on PostgreSQL the
+    count of the CTE that inserted them); the step that completes it merges it."""
     row = conn.execute(
         update(branch_groups)
-        .where(G.id == group_id, G.status == GROUP_OPEN)
+        .where(G.id == group_id, G.status == GROUP_OPEN, *where)
         .values(finished=G.finished + n)
         .returning(G.finished, G.size)
     ).first()
