@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -270,3 +270,41 @@ class PruneCounts:
             self.runs + other.runs,
             self.state_keys + other.state_keys,
         )
+
+
+#: ``merger(live, snapshot, member_logs, policy, reducers) -> {key: value or MISSING}``;
+#: raises a SessionFlowError (conflict, unknown reducer) to refuse the merge.
+Merger = Callable[
+    [
+        dict[str, Any],
+        dict[str, Any],
+        list[list[tuple[str, str, Any]]],
+        str,
+        "dict[str, str] | None",
+    ],
+    dict[str, Any],
+]
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """One key to set (``value``) or delete (``value`` is ``MISSING``).
+
+    ``expected`` is the version the writer read (compare-and-set; 0: the key must
+    not exist), or None to write blindly.
+    """
+
+    scope: str
+    scope_id: str
+    key: str
+    value: Any
+    size: int
+    expected: int | None = None
+
+
+@dataclass(frozen=True)
+class BranchStart:
+    """What a branch task starts from: the group's snapshot and its member's earlier ops."""
+
+    snapshot: dict[str, Any]
+    earlier: list[tuple[str, str, Any]]

@@ -10,8 +10,9 @@ from click import IntRange, Option
 from ..middleware import Middleware
 from ..runtime import TaskRun, current_run
 from . import control  # noqa: F401  (registers the remote-control commands)
+from .admitting import Admission
 from .joining import wrap_send_task
-from .steps import Admission, SessionWorker
+from .steps import SessionWorker
 from .tracing import wrap_tracers
 
 if TYPE_CHECKING:

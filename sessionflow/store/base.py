@@ -6,65 +6,34 @@ every backend against it. Nothing outside a backend module runs SQL.
 Races are decided by the store: every transition is conditional (``open`` →
 ``closed`` only if still open, pending → open only if still pending), so of two
 callers exactly one wins and the other learns it lost.
+
+One class on purpose (as huey's ``BaseStorage``): the whole contract a backend
+must meet reads in one place, a documented method each; what the methods take
+and return are the frozen dataclasses of :mod:`sessionflow.records`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from ..enums import SessionStatus, WorkerStatus
 from ..records import (
+    BranchStart,
     Dispatch,
     Ended,
+    Merger,
     NewSession,
     PruneCounts,
     Run,
     RunRecord,
     SessionRecord,
+    StateWrite,
     TaskRecord,
     WorkerRecord,
 )
-
-#: ``merger(live, snapshot, member_logs, policy, reducers) -> {key: value or MISSING}``;
-#: raises a SessionFlowError (conflict, unknown reducer) to refuse the merge.
-Merger = Callable[
-    [
-        dict[str, Any],
-        dict[str, Any],
-        list[list[tuple[str, str, Any]]],
-        str,
-        "dict[str, str] | None",
-    ],
-    dict[str, Any],
-]
-
-
-@dataclass(frozen=True)
-class StateWrite:
-    """One key to set (``value``) or delete (``value`` is ``MISSING``).
-
-    ``expected`` is the version the writer read (compare-and-set; 0: the key must
-    not exist), or None to write blindly.
-    """
-
-    scope: str
-    scope_id: str
-    key: str
-    value: Any
-    size: int
-    expected: int | None = None
-
-
-@dataclass(frozen=True)
-class BranchStart:
-    """What a branch task starts from: the group's snapshot and its member's earlier ops."""
-
-    snapshot: dict[str, Any]
-    earlier: list[tuple[str, str, Any]]
 
 
 class SessionStore(ABC):
