@@ -34,6 +34,7 @@ from .errors import InvalidArgument, StateConflict
 from .limits import MAX_ID
 from .merge import APPEND, DELETE, INCREMENT, MISSING, SET, Op, apply_op, check_value, copy_value
 from .merge import is_number as _is_number
+from .records import StateWrite
 
 if TYPE_CHECKING:
     from .flow import SessionFlow
@@ -266,8 +267,6 @@ class State:
                     )
 
     def _store(self, stored: Mapping[tuple[str, str], Mapping[str, tuple[Any, int]]]) -> None:
-        from .store import StateWrite
-
         with self._lock:
             writes = [
                 StateWrite(scope, scope_id, key, value, size, self._versions.get(key))

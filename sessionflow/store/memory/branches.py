@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import StoreRefused
 from ...merge import MISSING, check_value, copy_value
-from ..base import BranchStart, Merger
+from ...records import BranchStart, Merger
 from ._data import Group, MemoryBase, Op, copy_ops, make_entry
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from ...enums import SessionStatus
 from ...errors import SessionNotFound, StateConflict, StateValueError, ended_error
 from ...merge import MISSING, apply_op, check_value, copy_value
-from ..base import StateWrite
+from ...records import StateWrite
 from ._data import Entry, MemoryBase, ScopeKey, make_entry
 
 _WRITABLE = (SessionStatus.OPEN, SessionStatus.PENDING)

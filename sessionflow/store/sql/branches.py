@@ -10,8 +10,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from ...merge import MISSING, check_value
-from ...records import utcnow
-from ..base import BranchStart, Merger
+from ...records import BranchStart, Merger, utcnow
 from .engine import Engines
 from .models import branch_groups, branch_members, sessions
 from .state import lock_rows, read_scope, write_row

@@ -30,8 +30,7 @@ from sqlalchemy.engine import Connection
 from ...enums import SessionStatus
 from ...errors import SessionNotFound, StateConflict, StateValueError, ended_error
 from ...merge import MISSING, apply_op, check_value
-from ...records import utcnow
-from ..base import StateWrite
+from ...records import StateWrite, utcnow
 from .engine import Engines
 from .models import sessions, state_entries
 
