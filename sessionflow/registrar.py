@@ -6,10 +6,14 @@ and its registration (which lets a sweeper resolve it if its worker dies) is
 buffered here and written by a background thread, one statement per session
 every ``FLUSH_INTERVAL`` seconds — so sending costs no store round trip.
 
-If the session ended before a registration reached the store, the store refuses
-it and the tasks get their SessionClosed/SessionFailed result here (a task that
-finished keeps its own result): whatever the order of events, no caller waits
-forever. Canvases, sessions with ``max_turns`` and tasks that need a branch
+If the session ended before a registration reached the store, the dispatch is
+refused and the tasks go to ``late_dispatch``: while the session is not settled
+yet they are registered anyway and its settlement gives them their result (or
+lets them run on); once it is settled, only the tasks it did not know — neither
+registered nor running on the worker then — get their SessionClosed/SessionFailed
+result here (a task that finished keeps its own). A task that started on the
+worker before the end is never given a failure over the result it is about to
+store; whatever the order of events, no caller waits forever. Canvases, sessions with ``max_turns`` and tasks that need a branch
 snapshot are registered synchronously, in one statement, before they are sent.
 """
 
@@ -129,10 +133,15 @@ class Registrar:
                     else:
                         self._pending.pop(sid, None)
                 if queue is None:
-                    self._refused(sid, [task_id for task_id, _ in tasks])
+                    self._refused(Dispatch(sid, tuple(tasks)))
 
-    def _refused(self, session_id: str, task_ids: list[str]) -> None:
-        """The session ended before these registrations arrived: give them their result."""
+    def _refused(self, dispatch: Dispatch) -> None:
+        """The session ended before these registrations arrived. Those its settlement
+        will see, or saw running, get their result from there; the others get it here."""
+        session_id = dispatch.session_id
+        task_ids = self.store.late_dispatch(dispatch)
+        if not task_ids:
+            return
         found = self.store.statuses([session_id]).get(session_id)
         status, reason = (found[0].value, found[1]) if found else (None, None)
         self.resolver.store_failures(task_ids, ended_error(session_id, status, reason))

@@ -132,6 +132,17 @@ class SessionStore(ABC):
         """
 
     @abstractmethod
+    def late_dispatch(self, dispatch: Dispatch) -> tuple[str, ...]:
+        """Register sent tasks whose :meth:`dispatch` came after the session's end.
+
+        While the session is open, or ended and not settled yet, every task is
+        registered (its turns taken, no limit checked: the messages are sent) and
+        :meth:`settle` settles them; returns (). Otherwise nothing is written and
+        the ids that are still unknown are returned: neither registered nor
+        ``running`` when the session was settled. Only those have no result coming.
+        """
+
+    @abstractmethod
     def undo_dispatch(self, dispatch: Dispatch) -> None:
         """Take back a dispatch whose messages could not be sent: its turns,
         registrations and groups."""
@@ -160,7 +171,9 @@ class SessionStore(ABC):
 
         Registered tasks with no finished run that are not ``running`` (and have
         no run in progress) become cancelled; with ``lose_started`` the running
-        ones become lost. ``running`` are the ids the worker knows have started.
+        ones become lost. ``running`` are the ids the worker knows have started;
+        those not registered yet (their client registers in batches) are
+        registered now, so :meth:`late_dispatch` knows they have a result coming.
         """
 
     @abstractmethod

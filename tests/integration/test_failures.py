@@ -129,6 +129,32 @@ def test_sigterm_lets_running_tasks_finish_and_fails_session(
     assert markers(stack, "term-") == []
 
 
+def test_sigterm_keeps_the_result_of_a_task_registered_after_the_end(
+    stack: Stack, flow: SessionFlow
+) -> None:
+    """A single task's registration is written after its send, in a batch. If the
+    session ends (here a warm shutdown) after the task started and before the batch,
+    the late registration must not give the running task SessionFailed (it did)."""
+    sleep = task(stack, "sleep")
+    s = flow.create_session(creation_timeout=30, execution_timeout=600)
+    victim = stack.worker_of(s)
+    with flow.registrar._flushing:  # hold this client's registrations back
+        late = s.apply_async(sleep, args=(3,))
+        wait_until(lambda: _states(flow, s, [late.id]) == {"started"}, 20, "the sleep")
+        victim.signal(15)
+        wait_state(s, SessionState.FAILED, 10)
+
+        def settled() -> bool:
+            found = flow.store.get_session(s.id)
+            return found is not None and found.settled
+
+        wait_until(settled, 20, "the worker to settle the session")
+    assert s.info.reason == "worker_shutdown"
+    assert late.get(timeout=GET) == 3
+    victim.popen.wait(30)
+    stack.start_worker(victim.name)
+
+
 def test_survive_restart_keeps_session_and_queued_tasks(stack: Stack, flow: SessionFlow) -> None:
     prefix = "survive"
     s, running, queued = busy_session(

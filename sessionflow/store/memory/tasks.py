@@ -42,6 +42,21 @@ class TasksMemory(MemoryBase):
                 )
             return row.queue
 
+    def late_dispatch(self, dispatch: Dispatch) -> tuple[str, ...]:
+        check_utc(dispatch.at)
+        with self._lock:
+            row = self._sessions.get(dispatch.session_id)
+            if row is not None and (
+                row.status is SessionStatus.OPEN
+                or (row.status in ENDED and row.settled_at is None)
+            ):
+                row.turns += len(dispatch.tasks)
+                for task_id, name in dispatch.tasks:
+                    if task_id not in self._tasks:
+                        self._tasks[task_id] = TaskRow(task_id, row.id, name, dispatch.at)
+                return ()
+            return tuple(t for t, _ in dispatch.tasks if t not in self._tasks)
+
     def undo_dispatch(self, dispatch: Dispatch) -> None:
         with self._lock:
             row = self._sessions.get(dispatch.session_id)
@@ -64,6 +79,8 @@ class TasksMemory(MemoryBase):
             now = self._now()
             row.settled_at = now
             started = set(running)
+            for task_id in sorted(started - set(self._tasks)):  # late_dispatch sees them
+                self._tasks[task_id] = TaskRow(task_id, session_id, None, now)
             cancelled, lost = [], []
             for task in self._unsettled_tasks(session_id):
                 if task.task_id in started or self._in_progress(task.task_id):
@@ -147,7 +164,7 @@ class TasksMemory(MemoryBase):
                 out.append(
                     TaskRecord(
                         task_id=task.task_id,
-                        name=task.name,
+                        name=task.name if task.name is not None or last is None else last.name,
                         status=status,
                         worker=None if last is None else last.worker,
                         dispatched_at=task.dispatched_at,

@@ -15,6 +15,7 @@ from ...enums import RUN_FINAL_STATES, RUN_LOST, Reason, SessionStatus, TaskStat
 from ...records import Ended, utcnow
 from .engine import Engines
 from .models import runs, session_tasks, sessions
+from .tasks import register
 
 T, R, S = session_tasks.c, runs.c, sessions.c
 _FINAL = tuple(RUN_FINAL_STATES)
@@ -39,6 +40,8 @@ class SettlementSQL:
             ).first()
             if row is None:
                 return None
+            unregistered = [(task_id, None) for task_id in sorted(running)]
+            register(conn, session_id, unregistered, now)  # late_dispatch sees them
             started = _in_progress(running)
             cancelled = _settle(conn, session_id, not_(started), TaskStatus.CANCELLED, now)
             lost: list[str] = []

@@ -9,6 +9,8 @@ migration 0004).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import (
     Column,
@@ -29,12 +31,17 @@ from sqlalchemy import (
     update,
 )
 
-from ...enums import RUN_FINAL_STATES, RUN_LOST, RUN_STARTED, TaskStatus
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+from ...enums import RUN_FINAL_STATES, RUN_LOST, RUN_STARTED, SessionStatus, TaskStatus
 from ...records import Dispatch, TaskRecord
 from .engine import Engines
 from .models import UTCDateTime, branch_groups, runs, session_tasks, sessions
 
 T, R, S = session_tasks.c, runs.c, sessions.c
+_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 _dispatches = Table(  # SQLite only; its triggers do the work
     "sf_dispatches",
@@ -86,6 +93,29 @@ _PG_DISPATCH = text(
 )
 
 
+def register(
+    conn: Connection,
+    session_id: str,
+    tasks: Sequence[tuple[str, str | None]],
+    at: datetime,
+) -> None:
+    """Insert pending rows for tasks not registered yet (one statement)."""
+    if not tasks:
+        return
+    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    rows = [
+        {
+            "task_id": task_id,
+            "session_id": session_id,
+            "name": name,
+            "state": TaskStatus.PENDING.value,
+            "dispatched_at": at,
+        }
+        for task_id, name in tasks
+    ]
+    conn.execute(insert(session_tasks).values(rows).on_conflict_do_nothing())
+
+
 def task_status(state: str, last_run: str | None, running: bool) -> TaskStatus:
     """A registered task's status from its settlement and its latest run."""
     if state in (TaskStatus.CANCELLED.value, TaskStatus.LOST.value):
@@ -135,6 +165,27 @@ class TasksSQL:
             queue = conn.execute(_SQLITE_DISPATCH, params).scalar()
             return queue
 
+    def late_dispatch(self, dispatch: Dispatch) -> tuple[str, ...]:
+        ids = [task_id for task_id, _ in dispatch.tasks]
+        with self.engines.write() as conn:
+            query = select(S.status, S.settled_at).where(S.id == dispatch.session_id)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()  # settle() waits, or we see its end
+            row = conn.execute(query).first()
+            if row is not None and (
+                row.status == SessionStatus.OPEN.value
+                or (row.status in _ENDED and row.settled_at is None)
+            ):
+                conn.execute(
+                    update(sessions)
+                    .where(S.id == dispatch.session_id)
+                    .values(turns=S.turns + len(ids))
+                )
+                register(conn, dispatch.session_id, dispatch.tasks, dispatch.at)
+                return ()
+            known = set(conn.execute(select(T.task_id).where(T.task_id.in_(ids))).scalars())
+        return tuple(task_id for task_id in ids if task_id not in known)
+
     def undo_dispatch(self, dispatch: Dispatch) -> None:
         task_ids = [task_id for task_id, _ in dispatch.tasks]
         with self.engines.write() as conn:
@@ -176,7 +227,7 @@ class TasksSQL:
         query = (
             select(
                 T.task_id,
-                T.name,
+                func.coalesce(T.name, latest.c.name).label("name"),
                 T.state,
                 T.dispatched_at,
                 T.finished_at.label("settled_at"),
@@ -229,4 +280,4 @@ class TasksSQL:
         return out
 
 
-__all__ = ["RUN_STARTED", "TasksSQL", "task_status"]
+__all__ = ["RUN_STARTED", "TasksSQL", "register", "task_status"]

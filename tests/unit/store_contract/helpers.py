@@ -58,6 +58,11 @@ def send(
     return store.dispatch(Dispatch(session_id, tasks, groups, at or utcnow()))
 
 
+def late(store: SessionStore, session_id: str, *task_ids: str) -> tuple[str, ...]:
+    tasks = tuple((t, f"app.{t}") for t in task_ids)
+    return store.late_dispatch(Dispatch(session_id, tasks, (), utcnow()))
+
+
 def run(
     session_id: str,
     task_id: str,

@@ -18,6 +18,7 @@ from .helpers import (
     QUEUE,
     QUEUE2,
     Contract,
+    late as late_,
     opened,
     pending,
     put,
@@ -45,6 +46,27 @@ class RacesContract(Contract):
             assert (admitted is not None) != abandoned, (admitted, abandoned)
             status = store.statuses([session_id])[session_id][0]
             assert status is (SessionStatus.FAILED if abandoned else SessionStatus.OPEN)
+
+    def test_late_dispatch_vs_settle(self, store: SessionStore) -> None:
+        """Each late task is registered before the settlement (and settled by it) or
+        named unknown after it: never registered after it, never both."""
+        for i in range(10):
+            queued, running = f"queued{i}", f"running{i}"  # task ids are unique store-wide
+            session_id = opened(store)
+            assert store.end_session(session_id, SessionStatus.FAILED, "worker_shutdown")
+            unknown, ended = race(
+                partial(late_, store, session_id, queued, running),
+                partial(store.settle, session_id, running=[running]),
+            )
+            assert ended is not None
+            statuses = statuses_of(store, session_id)
+            if unknown == ():
+                assert ended.cancelled == (queued,)
+                assert statuses[queued] is TaskStatus.CANCELLED
+            else:
+                assert unknown == (queued,) and ended.cancelled == ()
+                assert queued not in statuses
+            assert statuses[running] is TaskStatus.PENDING
 
     def test_two_workers_admit_one_session(self, store: SessionStore) -> None:
         for _ in range(5):

@@ -19,6 +19,7 @@ from .helpers import (
     opened,
     pending,
     run,
+    late,
     send,
     statuses_of,
 )
@@ -84,6 +85,52 @@ class TasksContract(Contract):
         send(store, session_id, "c", at=T0 - timedelta(seconds=1))
         assert list(statuses_of(store, session_id)) == ["c", "a", "b", "0"]
         assert store.tasks("no-such-session") == []
+
+    def test_late_dispatch_registers_until_settled(self, store: SessionStore) -> None:
+        session_id = opened(store)
+        assert late(store, session_id, "t1") == ()
+        assert store.end_session(session_id, SessionStatus.CLOSED, "completed")
+        assert late(store, session_id, "t2", "t3") == ()  # ended, not settled yet
+        found = store.get_session(session_id)
+        assert found is not None and found.turns == 3
+        ended = store.settle(session_id, running=["t3"])
+        assert ended is not None and sorted(ended.cancelled) == ["t1", "t2"]
+        assert statuses_of(store, session_id) == {
+            "t1": TaskStatus.CANCELLED,
+            "t2": TaskStatus.CANCELLED,
+            "t3": TaskStatus.PENDING,  # it runs on; its own result follows
+        }
+
+    def test_late_dispatch_after_settlement_names_the_unknown(self, store: SessionStore) -> None:
+        session_id = opened(store)
+        send(store, session_id, "registered")
+        store.record_runs([run(session_id, "ran", "SUCCESS")])
+        assert store.end_session(session_id, SessionStatus.FAILED, "worker_shutdown")
+        ended = store.settle(session_id, running=["started"])
+        assert ended is not None and ended.cancelled == ("registered",)
+        # "started" ran when the session was settled: registered then, with a result coming.
+        assert late(store, session_id, "registered", "started", "ran", "never") == (
+            "ran",
+            "never",
+        )
+        assert sorted(statuses_of(store, session_id)) == ["ran", "registered", "started"]
+        found = store.get_session(session_id)
+        assert found is not None and found.turns == 1  # nothing written
+        waiting = pending(store)
+        assert late(store, waiting, "w1") == ("w1",)
+        assert late(store, "no-such-session", "x1", "registered") == ("x1",)
+        assert store.tasks(waiting) == []
+
+    def test_settle_registers_the_running_it_did_not_know(self, store: SessionStore) -> None:
+        session_id = opened(store)
+        store.record_runs([run(session_id, "long", name="app.long")])
+        assert store.end_session(session_id, SessionStatus.CLOSED, "completed")
+        ended = store.settle(session_id, running=["long", "claimed"])
+        assert ended is not None and (ended.cancelled, ended.lost) == ((), ())
+        tasks = {t.task_id: t for t in store.tasks(session_id)}
+        assert sorted(tasks) == ["claimed", "long"]
+        assert tasks["long"].name == "app.long" and tasks["long"].status is TaskStatus.STARTED
+        assert tasks["claimed"].status is TaskStatus.PENDING
 
     def test_undo_dispatch_takes_everything_back(self, store: SessionStore) -> None:
         session_id = opened(store, max_turns=4)
