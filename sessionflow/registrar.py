@@ -13,8 +13,9 @@ lets them run on); once it is settled, only the tasks it did not know — neithe
 registered nor running on the worker then — get their SessionClosed/SessionFailed
 result here (a task that finished keeps its own). A task that started on the
 worker before the end is never given a failure over the result it is about to
-store; whatever the order of events, no caller waits forever. Canvases, sessions with ``max_turns`` and tasks that need a branch
-snapshot are registered synchronously, in one statement, before they are sent.
+store; whatever the order of events, no caller waits forever. Canvases, sessions
+with ``max_turns`` and tasks that need a branch snapshot are registered
+synchronously, in one statement, before they are sent.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .results import Resolver
 from .store import SessionStore
 
 logger = logging.getLogger("sessionflow")
-FLUSH_INTERVAL = 0.05  # seconds
+FLUSH_INTERVAL = 0.2  # seconds (a PostgreSQL row: ~60 us of CPU at 30 a statement, ~33 at 120)
 _ALL: weakref.WeakSet[Registrar] = weakref.WeakSet()
 
 

@@ -8,8 +8,8 @@ only tasks the settlement never knew get a failure from the client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

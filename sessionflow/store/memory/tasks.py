@@ -47,8 +47,7 @@ class TasksMemory(MemoryBase):
         with self._lock:
             row = self._sessions.get(dispatch.session_id)
             if row is not None and (
-                row.status is SessionStatus.OPEN
-                or (row.status in ENDED and row.settled_at is None)
+                row.status is SessionStatus.OPEN or (row.status in ENDED and row.settled_at is None)
             ):
                 row.turns += len(dispatch.tasks)
                 for task_id, name in dispatch.tasks:

@@ -30,7 +30,6 @@ from sqlalchemy import (
     text,
     update,
 )
-
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection

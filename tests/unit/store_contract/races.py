@@ -18,7 +18,7 @@ from .helpers import (
     QUEUE,
     QUEUE2,
     Contract,
-    late as late_,
+    late,
     opened,
     pending,
     put,
@@ -55,7 +55,7 @@ class RacesContract(Contract):
             session_id = opened(store)
             assert store.end_session(session_id, SessionStatus.FAILED, "worker_shutdown")
             unknown, ended = race(
-                partial(late_, store, session_id, queued, running),
+                partial(late, store, session_id, queued, running),
                 partial(store.settle, session_id, running=[running]),
             )
             assert ended is not None

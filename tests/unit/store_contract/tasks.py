@@ -16,10 +16,10 @@ from .helpers import (
     T0,
     Contract,
     close_to,
+    late,
     opened,
     pending,
     run,
-    late,
     send,
     statuses_of,
 )
