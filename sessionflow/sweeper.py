@@ -191,6 +191,17 @@ class Sweeper:
                 continue
             if watched >= found.heartbeat_timeout:
                 self._settle(session_id, lose_started=True)
+        # Runs still unfinished on it, of sessions it had ended and settled already (a
+        # worker killed while it finished its tasks after a warm shutdown): lost too.
+        for ended in store.lose_interrupted(nodename, silent_for=min(age, watched), reason=reason):
+            logger.warning(
+                "sessionflow: %d task(s) of session %s were running on %s, silent for %.1f s: lost",
+                len(ended.lost),
+                ended.session_id,
+                nodename,
+                age,
+            )
+            self.resolver.resolve(ended)
         if moving or not store.open_sessions(nodename):
             self.drain(nodename, utcnow() - DISPATCH_GRACE, moved=[r.id for r in moving])
         for record in moving:

@@ -80,6 +80,7 @@ def install(flow: SessionFlow) -> None:
         step = _step(flow)
         if step is not None and flow.live is not None and flow.live.in_this_process():
             step.writer.stop()  # after the pool: the ends of the last tasks are in
+            step.ticker.stop()  # its heartbeats told sweepers the pool was still finishing
 
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_shutting_down.connect(_on_shutting_down, weak=False)

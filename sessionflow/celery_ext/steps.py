@@ -189,14 +189,14 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             self.flow.resolver.resolve(ended)
 
     def stop(self, w: Any) -> None:
-        """Warm or cold shutdown: end the sessions (once), stop the ticker.
+        """Warm or cold shutdown: end the sessions (once).
 
-        The writer keeps going until ``worker_shutdown``: the pool stops after this
-        step, and the ends of its last tasks still have to be written.
+        The writer and the ticker's heartbeats keep going until ``worker_shutdown``:
+        the pool stops after this step, the ends of its last tasks still have to be
+        written, and until then a sweeper must not take its running tasks for lost.
         """
         self.ticker.request_shutdown()
         self.ticker.wait_shutdown(15)
-        self.ticker.stop()
         self.live.remove_dir()
         if self.anonymous:
             self.delete_queues()

@@ -7,7 +7,8 @@ Every ``sessionflow_heartbeat_interval``, in this order:
    whose reply got lost, an operator) are settled here, as their owner;
 2. expiry: execution_timeout, ttl and idle_timeout, judged from memory;
 3. heartbeat, stamped with the time *before* the sync, so a client that sees a
-   heartbeat later than an end knows this worker has applied that end;
+   heartbeat later than an end knows this worker has applied that end (after a
+   warm shutdown only heartbeats go on, until the pool has finished its tasks);
 4. sweep (only the holder of the cluster's ``sweeper`` lease) and, now and
    then, retention.
 """
@@ -59,10 +60,23 @@ class Ticker:
         while not self._stop.is_set():
             if self._shutdown.is_set():
                 self._end_for_shutdown()
+                self._finish()
                 return
             self.tick()
             self._wake.wait(self.interval)
             self._wake.clear()
+
+    def _finish(self) -> None:
+        """After a warm shutdown ended the sessions: heartbeats only (the worker stays
+        offline) while the pool finishes its running tasks, until ``stop()``. A sweeper
+        judges the runs still unfinished only once they stop (the process was killed)."""
+        while not self._stop.wait(self.interval):
+            try:
+                self.flow.store.heartbeat(self.live.nodename, online=False)
+            except SessionFlowError as exc:
+                self._warn(f"sessionflow: {exc}")
+            except Exception:
+                logger.exception("sessionflow: heartbeat failed")
 
     def wake(self) -> None:
         self._wake.set()

@@ -219,9 +219,16 @@ class SessionStore(ABC):
         """Every registered task of a session with its status, in dispatch order."""
 
     @abstractmethod
-    def lose_interrupted(self, nodename: str) -> list[Ended]:
-        """At worker start: runs an earlier process of ``nodename`` left unfinished
-        become ``LOST``; their tasks (if not finished) are lost. One Ended per session."""
+    def lose_interrupted(
+        self, nodename: str, *, silent_for: float | None = None, reason: str = "worker_restarted"
+    ) -> list[Ended]:
+        """Runs a process of ``nodename`` left unfinished become ``LOST``; their tasks
+        (if not finished) are lost. One Ended per session, with ``reason``.
+
+        At worker start every such run; from a sweeper (``silent_for``: how long the
+        worker has been silent) only runs of sessions whose ``heartbeat_timeout`` is
+        shorter than that (a worker killed while it finished its tasks after a warm
+        shutdown, say)."""
 
     @abstractmethod
     def lose_missing(
@@ -275,9 +282,12 @@ class SessionStore(ABC):
         max_sessions: int | None = None,
         resources: dict[str, int] | None = None,
         labels: dict[str, str] | None = None,
+        online: bool = True,
     ) -> None:
         """Stamp the worker's heartbeat with ``at`` (default: the store's clock now); the
-        cap, capacities and labels given replace the stored ones (None: unchanged)."""
+        cap, capacities and labels given replace the stored ones (None: unchanged).
+        The worker becomes online; ``online=False`` keeps its status (a worker that
+        finishes its running tasks after a warm shutdown stays offline)."""
 
     @abstractmethod
     def worker_offline(self, nodename: str) -> None:
@@ -285,8 +295,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     def silent_workers(self, min_age: float) -> list[tuple[str, float, WorkerStatus]]:
-        """Workers with open or unsettled sessions whose heartbeat is older than
-        ``min_age`` s: (node name, age in s on the store's clock, status)."""
+        """Workers with open or unsettled sessions, or unfinished runs, whose heartbeat
+        is older than ``min_age`` s: (node name, age in s on the store's clock, status)."""
 
     @abstractmethod
     def workers(self) -> list[WorkerRecord]:

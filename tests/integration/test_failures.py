@@ -155,6 +155,52 @@ def test_sigterm_keeps_the_result_of_a_task_registered_after_the_end(
     stack.start_worker(victim.name)
 
 
+def test_a_task_still_running_after_sigterm_is_lost_if_the_worker_is_then_killed(
+    stack: Stack, flow: SessionFlow
+) -> None:
+    """The usual stop sequence (SIGTERM, then SIGKILL after a grace period) with a task
+    longer than the grace period, and the worker does not come back: its caller gets
+    SessionTaskLost once the worker has been silent for heartbeat_timeout (it waited
+    forever: the session was settled at the SIGTERM, nobody judged the run)."""
+    sleep = task(stack, "sleep")
+    s = flow.create_session(
+        creation_timeout=30, execution_timeout=600, heartbeat_timeout=HEARTBEAT_TIMEOUT
+    )
+    long_ = s.apply_async(sleep, args=(60,))
+    wait_until(lambda: _states(flow, s, [long_.id]) == {"started"}, 20, "the sleep")
+    victim = stack.worker_of(s)
+    victim.signal(15)
+    wait_state(s, SessionState.FAILED, 10)
+    time.sleep(HEARTBEAT_TIMEOUT + 1)  # finishing: its heartbeats go on, nothing is lost
+    assert _states(flow, s, [long_.id]) == {"started"}
+    victim.kill()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SessionTaskLost, match="worker_shutdown"):
+            long_.get(timeout=HEARTBEAT_TIMEOUT + 15)
+        assert time.monotonic() - started <= HEARTBEAT_TIMEOUT + 5
+        assert _states(flow, s, [long_.id]) == {"lost"}
+    finally:
+        stack.start_worker(victim.name)
+
+
+def test_a_task_finishing_after_sigterm_past_heartbeat_timeout_keeps_its_result(
+    stack: Stack, flow: SessionFlow
+) -> None:
+    sleep = task(stack, "sleep")
+    s = flow.create_session(
+        creation_timeout=30, execution_timeout=600, heartbeat_timeout=HEARTBEAT_TIMEOUT
+    )
+    long_ = s.apply_async(sleep, args=(3 * HEARTBEAT_TIMEOUT,))
+    wait_until(lambda: _states(flow, s, [long_.id]) == {"started"}, 20, "the sleep")
+    victim = stack.worker_of(s)
+    victim.signal(15)
+    assert long_.get(timeout=GET) == 3 * HEARTBEAT_TIMEOUT
+    victim.popen.wait(30)
+    assert _states(flow, s, [long_.id]) == {"succeeded"}
+    stack.start_worker(victim.name)
+
+
 def test_survive_restart_keeps_session_and_queued_tasks(stack: Stack, flow: SessionFlow) -> None:
     prefix = "survive"
     s, running, queued = busy_session(

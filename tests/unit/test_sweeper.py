@@ -251,6 +251,35 @@ def test_a_silent_worker_is_swept(
     assert len(node.resolver.ended) == 3 and len(node.admissions) == 1
 
 
+def test_a_task_still_running_after_a_warm_shutdown_is_lost_when_the_worker_dies(
+    store: MemoryStore, clock: Clock, make_node: Callable[[str], Node]
+) -> None:
+    """SIGTERM ended and settled the session (its long task runs on), then SIGKILL:
+    the task is lost once the worker has been silent for the session's timeout (it
+    waited forever before); while the worker still beats, nothing is lost."""
+    ended = session(store, clock, "ended", affinity="hard", running=("long",))
+    assert store.end_session(ended, SessionStatus.FAILED, Reason.WORKER_SHUTDOWN.value)
+    assert store.settle(ended, running=["long"]) is not None
+    store.worker_offline(DEAD)
+    node = make_node("a")
+    assert node.tick() is True
+    for _ in range(3):  # finishing its tasks: heartbeats go on, the worker stays offline
+        clock.advance(4)
+        store.heartbeat(DEAD, online=False)
+        assert node.tick() is True
+    assert node.resolver.ended == [] and statuses(store, ended) == {"long": TaskStatus.STARTED}
+    clock.advance(4)  # killed: silent, but not for heartbeat_timeout yet
+    assert node.tick() is True and node.resolver.ended == []
+    clock.advance(2)
+    assert node.tick() is True
+    assert [(e.session_id, e.reason, e.lost) for e in node.resolver.ended] == [
+        (ended, Reason.WORKER_SHUTDOWN.value, ("long",))
+    ]
+    assert statuses(store, ended) == {"long": TaskStatus.LOST}
+    clock.advance(1)
+    assert node.tick() is True and len(node.resolver.ended) == 1
+
+
 def test_a_moved_session_with_no_message_left_is_resolved(
     store: MemoryStore, clock: Clock, queues: FakeQueues, make_node: Callable[[str], Node]
 ) -> None:

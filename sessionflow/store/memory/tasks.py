@@ -189,14 +189,22 @@ class TasksMemory(MemoryBase):
                 )
             return out
 
-    def lose_interrupted(self, nodename: str) -> list[Ended]:
+    def lose_interrupted(
+        self, nodename: str, *, silent_for: float | None = None, reason: str = "worker_restarted"
+    ) -> list[Ended]:
         with self._lock:
             now = self._now()
             ids = []
             for run in self._runs.values():
-                if run.worker == nodename and run.finished_at is None:
-                    run.state, run.finished_at, run.error = RUN_LOST, now, _LOST_ERROR
-                    ids.append(run.task_id)
+                if run.worker != nodename or run.finished_at is not None:
+                    continue
+                session = self._sessions.get(run.session_id)
+                if silent_for is not None and (
+                    session is None or session.new.heartbeat_timeout >= silent_for
+                ):
+                    continue
+                run.state, run.finished_at, run.error = RUN_LOST, now, _LOST_ERROR
+                ids.append(run.task_id)
             by_session: dict[str, list[str]] = {}
             for task_id in ids:
                 task = self._tasks.get(task_id)
@@ -207,7 +215,7 @@ class TasksMemory(MemoryBase):
                 task.state, task.finished_at = TaskStatus.LOST.value, now
                 by_session.setdefault(task.session_id, []).append(task_id)
             return [
-                Ended(sid, SessionStatus.OPEN, "worker_restarted", (), tuple(lost))
+                Ended(sid, SessionStatus.OPEN, reason, (), tuple(lost))
                 for sid, lost in by_session.items()
             ]
 

@@ -64,6 +64,7 @@ class WorkersMemory(MemoryBase):
         max_sessions: int | None = None,
         resources: dict[str, int] | None = None,
         labels: dict[str, str] | None = None,
+        online: bool = True,
     ) -> None:
         if at is not None:
             check_utc(at)
@@ -72,7 +73,8 @@ class WorkersMemory(MemoryBase):
             if row is None:
                 return
             row.last_heartbeat_at = at if at is not None else self._now()
-            row.status = WorkerStatus.ONLINE
+            if online:
+                row.status = WorkerStatus.ONLINE
             if max_sessions is not None:
                 row.max_sessions = max_sessions
             if resources is not None:
@@ -95,6 +97,7 @@ class WorkersMemory(MemoryBase):
                 if row.status is SessionStatus.OPEN
                 or (row.status in ENDED and row.settled_at is None)
             }
+            busy |= {r.worker for r in self._runs.values() if r.finished_at is None}
             return [
                 (w.nodename, (now - w.last_heartbeat_at).total_seconds(), w.status)
                 for w in self._workers.values()

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, not_, or_, update
+from sqlalchemy import exists, not_, or_, select, update
 from sqlalchemy.engine import Connection
 
 from ...enums import RUN_FINAL_STATES, RUN_LOST, Reason, SessionStatus, TaskStatus
@@ -74,12 +74,21 @@ class SettlementSQL:
             _close_runs(conn, lost, now)
         return Ended(session_id, SessionStatus.FAILED, "worker_lost", (), tuple(lost))
 
-    def lose_interrupted(self, nodename: str) -> list[Ended]:
+    def lose_interrupted(
+        self, nodename: str, *, silent_for: float | None = None, reason: str = "worker_restarted"
+    ) -> list[Ended]:
         now = utcnow()
+        which = [R.worker == nodename, R.finished_at.is_(None)]
+        if silent_for is not None:
+            which.append(
+                R.session_id.in_(
+                    select(S.id).where(S.heartbeat_timeout < silent_for).scalar_subquery()
+                )
+            )
         with self.engines.write() as conn:
             rows = conn.execute(
                 update(runs)
-                .where(R.worker == nodename, R.finished_at.is_(None))
+                .where(*which)
                 .values(state=RUN_LOST, finished_at=now, error="the worker process died")
                 .returning(R.task_id, R.session_id)
             ).all()
@@ -98,7 +107,7 @@ class SettlementSQL:
         for row in lost:
             by_session.setdefault(row.session_id, []).append(row.task_id)
         return [
-            Ended(sid, SessionStatus.OPEN, "worker_restarted", (), tuple(ids))
+            Ended(sid, SessionStatus.OPEN, reason, (), tuple(ids))
             for sid, ids in by_session.items()
         ]
 

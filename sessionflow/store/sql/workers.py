@@ -16,9 +16,9 @@ from ...enums import SessionStatus, WorkerStatus
 from ...errors import NodeNameInUse, StoreError
 from ...records import WorkerRecord, utcnow
 from .engine import Engines
-from .models import UTCDateTime, leases, meta, sessions, workers
+from .models import UTCDateTime, leases, meta, runs, sessions, workers
 
-W, S, L = workers.c, sessions.c, leases.c
+W, S, L, R = workers.c, sessions.c, leases.c, runs.c
 _ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
@@ -133,13 +133,13 @@ class WorkersSQL:
         max_sessions: int | None = None,
         resources: dict[str, int] | None = None,
         labels: dict[str, str] | None = None,
+        online: bool = True,
     ) -> None:
         with self.engines.single() as conn:
             now = func.now() if conn.dialect.name == "postgresql" else utcnow()
-            values: dict[str, object] = {
-                "last_heartbeat_at": at if at is not None else now,
-                "status": WorkerStatus.ONLINE.value,
-            }
+            values: dict[str, object] = {"last_heartbeat_at": at if at is not None else now}
+            if online:
+                values["status"] = WorkerStatus.ONLINE.value
             if max_sessions is not None:
                 values["max_sessions"] = max_sessions
             if resources is not None:
@@ -160,6 +160,7 @@ class WorkersSQL:
         has_work = or_(
             exists().where(S.hostname == W.nodename, S.status == SessionStatus.OPEN.value),
             exists().where(S.hostname == W.nodename, S.status.in_(_ENDED), S.settled_at.is_(None)),
+            exists().where(R.worker == W.nodename, R.finished_at.is_(None)),
         )
         with self.engines.read() as conn:
             now, _ = _now_and(conn, 0)  # PostgreSQL: the store's clock, in the same query

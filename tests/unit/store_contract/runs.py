@@ -187,6 +187,25 @@ class RunsContract(Contract):
         assert {("a1", "LOST"), ("unregistered", "LOST"), ("a2", "SUCCESS")} <= states
         assert store.lose_interrupted(NODE) == []
 
+    def test_lose_interrupted_of_a_silent_worker(self, store: SessionStore) -> None:
+        """From a sweeper: only runs of sessions whose heartbeat_timeout has passed."""
+        short = opened(store, heartbeat_timeout=3.0)
+        long_ = opened(store, heartbeat_timeout=60.0)
+        send(store, short, "s1")
+        send(store, long_, "l1")
+        store.record_runs([run(short, "s1"), run(long_, "l1")])
+        for session_id, running in ((short, "s1"), (long_, "l1")):
+            assert store.end_session(session_id, SessionStatus.FAILED, "worker_shutdown")
+            assert store.settle(session_id, running=[running]) is not None
+        assert store.lose_interrupted(NODE, silent_for=2.0, reason="worker_shutdown") == []
+        ended = store.lose_interrupted(NODE, silent_for=10.0, reason="worker_shutdown")
+        assert [(e.session_id, e.reason, e.lost) for e in ended] == [
+            (short, "worker_shutdown", ("s1",))
+        ]
+        assert statuses_of(store, short) == {"s1": TaskStatus.LOST}
+        assert statuses_of(store, long_) == {"l1": TaskStatus.STARTED}
+        assert [e.lost for e in store.lose_interrupted(NODE, silent_for=61.0)] == [("l1",)]
+
     def test_lose_missing(self, store: SessionStore) -> None:
         session_id = opened(store)
         old, new = utcnow() - timedelta(seconds=30), utcnow() + timedelta(seconds=30)

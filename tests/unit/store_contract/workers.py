@@ -11,7 +11,18 @@ from sessionflow.errors import NodeNameInUse
 from sessionflow.records import utcnow
 from sessionflow.store.base import SessionStore
 
-from .helpers import NODE, NODE2, QUEUE, QUEUE2, Contract, close_to, never_asked, opened, register
+from .helpers import (
+    NODE,
+    NODE2,
+    QUEUE,
+    QUEUE2,
+    Contract,
+    close_to,
+    never_asked,
+    opened,
+    register,
+    run,
+)
 
 
 class WorkersContract(Contract):
@@ -84,6 +95,14 @@ class WorkersContract(Contract):
         store.heartbeat("nobody@host")
         assert [w.nodename for w in store.workers()] == [NODE]
 
+    def test_a_heartbeat_that_keeps_the_worker_offline(self, store: SessionStore) -> None:
+        register(store, NODE)
+        store.heartbeat(NODE, at=utcnow() - timedelta(seconds=20))
+        store.worker_offline(NODE)
+        store.heartbeat(NODE, online=False)  # finishing its tasks after a warm shutdown
+        (worker,) = store.workers()
+        assert worker.status is WorkerStatus.OFFLINE and worker.heartbeat_age < 5
+
     def test_clock_is_aware_and_current(self, store: SessionStore) -> None:
         now = store.clock()
         assert now.tzinfo is not None and close_to(now, utcnow())
@@ -116,6 +135,18 @@ class WorkersContract(Contract):
         assert store.settle(ended) is not None  # settled: nothing left to judge there
         assert store.begin_move(moved, NODE2) is not None  # moved away
         assert [name for name, _, _ in store.silent_workers(30)] == [NODE]
+
+    def test_a_worker_with_unfinished_runs_is_judged(self, store: SessionStore) -> None:
+        """Its sessions ended and were settled (a warm shutdown) but a task still ran."""
+        register(store, NODE)
+        store.heartbeat(NODE, at=utcnow() - timedelta(seconds=60))
+        session_id = opened(store)
+        store.record_runs([run(session_id, "long")])
+        assert store.end_session(session_id, SessionStatus.FAILED, "worker_shutdown")
+        assert store.settle(session_id, running=["long"]) is not None
+        assert [name for name, _, _ in store.silent_workers(30)] == [NODE]
+        store.record_runs([run(session_id, "long", "SUCCESS")])
+        assert store.silent_workers(30) == []
 
     # -- leases ------------------------------------------------------------------------
 
