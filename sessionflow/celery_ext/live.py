@@ -93,6 +93,7 @@ class LiveSessions:
         flush: Callable[[], None],
         resources: dict[str, int] | None = None,
         labels: dict[str, str] | None = None,
+        claimed: Callable[[str, set[str]], None] | None = None,
     ) -> None:
         self.nodename = nodename
         self.queue = queue
@@ -105,6 +106,9 @@ class LiveSessions:
         self.store = store
         self.resolver = resolver
         self.flush = flush
+        # Given the started tasks whose start callback has not come yet when a session
+        # ends, so the flush below writes their start too (the writer's ``claimed``).
+        self.claimed = claimed
         self.dir = make_live_dir(nodename)
         self.pid = os.getpid()
         self.on_end: list[Callable[[Live, Ended | None, str, str], None]] = []
@@ -223,7 +227,9 @@ class LiveSessions:
             running = set(live.running) | {
                 tid for tid in live.queued | live.running if file_name(tid) in started
             }
-        self.flush()  # the store must know every end this process has seen
+        if self.claimed is not None and running - live.running:
+            self.claimed(session_id, running - live.running)
+        self.flush()  # the store must know every end and start this process has seen
         ended = self.store.settle(session_id, running=running)
         status, reason = self._record_end(session_id, ended)
         if ended is not None:

@@ -93,6 +93,7 @@ class SessionWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             self.writer.flush,
             resources=spec.resources,
             labels=spec.labels,
+            claimed=lambda session_id, ids: self.writer.claimed(session_id, ids, w.hostname),
         )
         self.ticker = Ticker(flow, self.live)
         self.gate = Gate(flow, self.live, self.writer)

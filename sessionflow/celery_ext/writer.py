@@ -16,14 +16,16 @@ already and is never overwritten, so callers see it; the session's status and
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from ..enums import RUN_STARTED
 from ..errors import InvalidArgument, StoreRefused
-from ..records import Run
+from ..records import Run, utcnow
 from ..store import SessionStore
 
 logger = logging.getLogger("sessionflow.worker")
@@ -31,6 +33,10 @@ MAX_ROWS = 500  # rows in one statement
 FLUSH_ROWS = 64  # this many ends waiting flush at once, whatever the interval
 START_DELAY = 0.02  # seconds a run must last before its start is written on its own
 BACKLOG = 100_000  # rows kept while the store is unreachable; older ones are dropped
+
+
+def _same(run: Run) -> Run:
+    return run
 
 
 class Writer:
@@ -54,6 +60,19 @@ class Writer:
         """A run began; ``make()`` builds its record if it is still running at a flush."""
         with self._lock:
             self._starts[key] = (time.monotonic(), make)
+
+    def claimed(self, session_id: str, task_ids: Collection[str], worker: str) -> None:
+        """Tasks a pool process claimed whose start callback has not come yet (their
+        session ended meanwhile): their start is written with the next flush, as attempt
+        0, so a sweeper can judge them if this worker dies before that callback."""
+        now = utcnow()
+        with self._lock:
+            known = {task_id for task_id, _ in self._starts}
+            known.update(run.task_id for run in self._ends)
+            for task_id in task_ids:
+                if task_id not in known:
+                    run = Run(task_id, 0, session_id, None, RUN_STARTED, worker, now, None)
+                    self._starts[(task_id, 0)] = (time.monotonic(), functools.partial(_same, run))
 
     def finished(self, run: Run) -> None:
         with self._lock:

@@ -17,8 +17,9 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 
 from sessionflow import InvalidArgument, Session, SessionFlow, SessionFlowError, StoreError
-from sessionflow.celery_ext.live import LiveSessions
+from sessionflow.celery_ext.live import LiveSessions, claim
 from sessionflow.celery_ext.ticker import Ticker
+from sessionflow.celery_ext.writer import Writer
 from sessionflow.enums import SessionStatus, TaskStatus
 from sessionflow.records import Ended, NewSession, utcnow
 from sessionflow.results import Resolver
@@ -225,6 +226,36 @@ def test_warm_shutdown_ends_sessions_once_from_a_daemon_thread(flow: SessionFlow
     assert ends == [s.id]
     assert s.info.state.value == "failed" and s.info.reason == "worker_shutdown"
     assert all(t.status is not TaskStatus.PENDING for t in flow.store.tasks(s.id))
+
+
+def test_a_task_claimed_before_the_end_has_a_start_row_after_it(flow: SessionFlow) -> None:
+    """A pool process claimed the task, its start callback had not reached the main
+    process when the session ended: the end's flush writes its start, so a sweeper (or
+    the worker's restart) can lose it if the worker dies before that callback comes. It
+    had no run before, and its caller waited forever after such a kill."""
+    writer = Writer(flow.store)
+    live = LiveSessions(
+        "w1@test",
+        "q.w1",
+        2,
+        flow.store,
+        Resolver(flow.app),
+        writer.flush,
+        claimed=lambda session_id, ids: writer.claimed(session_id, ids, "w1@test"),
+    )
+    s = opened(flow)
+    live.open(flow.store.get_session(s.id))  # type: ignore[arg-type]
+    try:
+        assert live.arrived(s.id, "t-claimed") and live.arrived(s.id, "t-queued")
+        assert claim(live.dir, s.id, "t-claimed")  # in the pool; no callback yet
+        assert flow.store.end_session(s.id, SessionStatus.FAILED, "worker_shutdown")
+        ended = live.end(s.id)
+    finally:
+        live.remove_dir()
+    assert ended is not None
+    tasks = {t.task_id: t.status for t in flow.store.tasks(s.id)}
+    assert tasks == {"t-claimed": TaskStatus.STARTED}
+    assert [e.lost for e in flow.store.lose_interrupted("w1@test")] == [("t-claimed",)]
 
 
 def test_sync_asks_the_store_about_ended_sessions_only(flow: SessionFlow) -> None:
