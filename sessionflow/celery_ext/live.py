@@ -227,8 +227,9 @@ class LiveSessions:
             running = set(live.running) | {
                 tid for tid in live.queued | live.running if file_name(tid) in started
             }
-        if self.claimed is not None and running - live.running:
-            self.claimed(session_id, running - live.running)
+        unheard = running - live.running  # claimed in the pool, callback still on its way
+        if unheard and self.claimed is not None:
+            self.claimed(session_id, unheard)
         self.flush()  # the store must know every end and start this process has seen
         ended = self.store.settle(session_id, running=running)
         status, reason = self._record_end(session_id, ended)

@@ -32,9 +32,7 @@ class TasksMemory(MemoryBase):
             if len(set(group_ids)) != len(group_ids) or any(g in self._groups for g in group_ids):
                 raise StoreRefused("session store write refused: a branch group id exists")
             row.turns += n
-            for task_id, name in dispatch.tasks:
-                if task_id not in self._tasks:
-                    self._tasks[task_id] = TaskRow(task_id, row.id, name, dispatch.at)
+            self._register(row.id, dispatch.tasks, dispatch.at)
             for spec in dispatch.groups:
                 snapshot = self._session_values(row.id) if spec.snapshot_now else {}
                 self._groups[spec.id] = Group(
@@ -50,9 +48,7 @@ class TasksMemory(MemoryBase):
                 row.status is SessionStatus.OPEN or (row.status in ENDED and row.settled_at is None)
             ):
                 row.turns += len(dispatch.tasks)
-                for task_id, name in dispatch.tasks:
-                    if task_id not in self._tasks:
-                        self._tasks[task_id] = TaskRow(task_id, row.id, name, dispatch.at)
+                self._register(row.id, dispatch.tasks, dispatch.at)
                 return ()
             return tuple(t for t, _ in dispatch.tasks if t not in self._tasks)
 
@@ -78,8 +74,7 @@ class TasksMemory(MemoryBase):
             now = self._now()
             row.settled_at = now
             started = set(running)
-            for task_id in sorted(started - set(self._tasks)):  # late_dispatch sees them
-                self._tasks[task_id] = TaskRow(task_id, session_id, None, now)
+            self._register(session_id, [(t, None) for t in sorted(started)], now)
             cancelled, lost = [], []
             for task in self._unsettled_tasks(session_id):
                 if task.task_id in started or self._in_progress(task.task_id):
@@ -278,6 +273,14 @@ class TasksMemory(MemoryBase):
     def _session_tasks(self, session_id: str) -> list[TaskRow]:
         found = [t for t in self._tasks.values() if t.session_id == session_id]
         return sorted(found, key=lambda t: (t.dispatched_at, t.task_id))
+
+    def _register(
+        self, session_id: str, tasks: Iterable[tuple[str, str | None]], at: datetime
+    ) -> None:
+        """Pending rows for the tasks not registered yet (a task id is never re-used)."""
+        for task_id, name in tasks:
+            if task_id not in self._tasks:
+                self._tasks[task_id] = TaskRow(task_id, session_id, name, at)
 
     def _unsettled_tasks(self, session_id: str) -> Iterable[TaskRow]:
         """Registered tasks still pending with no run ended in a final state."""

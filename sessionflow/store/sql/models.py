@@ -28,6 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ...enums import SessionStatus
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC timestamp on every database (SQLite keeps naive text)."""
@@ -135,6 +137,8 @@ class SessionTask(Base):
 
 workers = cast(Table, Worker.__table__)
 sessions = cast(Table, SessionRow.__table__)
+#: ``sf_sessions.status`` of an ended session.
+ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 session_tasks = cast(Table, SessionTask.__table__)
 
 

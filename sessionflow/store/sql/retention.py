@@ -6,13 +6,19 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, Table, delete, func, select
 
-from ...enums import SessionStatus
 from ...records import PruneCounts
 from .engine import Engines
-from .models import branch_groups, branch_members, runs, session_tasks, sessions, state_entries
+from .models import (
+    ENDED,
+    branch_groups,
+    branch_members,
+    runs,
+    session_tasks,
+    sessions,
+    state_entries,
+)
 
 S = sessions.c
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
 class RetentionSQL:
@@ -22,7 +28,7 @@ class RetentionSQL:
 
     def prune(self, ended_before: datetime, *, batch: int, dry_run: bool = False) -> PruneCounts:
         due = select(S.id).where(
-            S.status.in_(_ENDED), S.settled_at.is_not(None), S.closed_at < ended_before
+            S.status.in_(ENDED), S.settled_at.is_not(None), S.closed_at < ended_before
         )
         if not dry_run:
             due = due.order_by(S.closed_at).limit(batch)

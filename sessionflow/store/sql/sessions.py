@@ -15,11 +15,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from ...enums import Reason, SessionStatus
 from ...records import Ended, NewSession, SessionRecord, utcnow
 from .engine import Engines
-from .models import sessions, workers
+from .models import ENDED, sessions, workers
 
 S = sessions.c
 _OPEN, _PENDING = SessionStatus.OPEN.value, SessionStatus.PENDING.value
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
 def _names(cls: type) -> tuple[str, ...]:
@@ -78,7 +77,7 @@ def session_record(row: RowMapping) -> SessionRecord:
     return SessionRecord(
         status=SessionStatus(row["status"]),
         survive_restart=bool(row["survive_restart"]),
-        settled=row["settled_at"] is not None or row["status"] not in _ENDED,
+        settled=row["settled_at"] is not None or row["status"] not in ENDED,
         last_heartbeat_at=row.get("last_heartbeat_at"),  # only when joined with its worker
         **{name: row[name] for name in _RECORD_COLUMNS},
     )
@@ -267,7 +266,7 @@ class SessionsSQL:
             return result.rowcount == 1
 
     def unsettled(self, hostname: str | None = None) -> list[tuple[str, str | None]]:
-        query = select(S.id, S.hostname).where(S.status.in_(_ENDED), S.settled_at.is_(None))
+        query = select(S.id, S.hostname).where(S.status.in_(ENDED), S.settled_at.is_(None))
         if hostname is not None:
             query = query.where(S.hostname == hostname)
         with self.engines.read() as conn:

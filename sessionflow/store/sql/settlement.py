@@ -14,12 +14,11 @@ from sqlalchemy.engine import Connection
 from ...enums import RUN_FINAL_STATES, RUN_LOST, Reason, SessionStatus, TaskStatus
 from ...records import Ended, utcnow
 from .engine import Engines
-from .models import runs, session_tasks, sessions
+from .models import ENDED, runs, session_tasks, sessions
 from .tasks import register
 
 T, R, S = session_tasks.c, runs.c, sessions.c
 _FINAL = tuple(RUN_FINAL_STATES)
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
 class SettlementSQL:
@@ -34,14 +33,15 @@ class SettlementSQL:
         with self.engines.write() as conn:
             row = conn.execute(
                 update(sessions)
-                .where(S.id == session_id, S.status.in_(_ENDED), S.settled_at.is_(None))
+                .where(S.id == session_id, S.status.in_(ENDED), S.settled_at.is_(None))
                 .values(settled_at=now)
                 .returning(S.status, S.reason)
             ).first()
             if row is None:
                 return None
-            unregistered = [(task_id, None) for task_id in sorted(running)]
-            register(conn, session_id, unregistered, now)  # late_dispatch sees them
+            # Running tasks whose registration is still on its way are registered now:
+            # late_dispatch then knows they have a result coming.
+            register(conn, session_id, [(task_id, None) for task_id in sorted(running)], now)
             started = _in_progress(running)
             cancelled = _settle(conn, session_id, not_(started), TaskStatus.CANCELLED, now)
             lost: list[str] = []

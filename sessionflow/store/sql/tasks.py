@@ -37,10 +37,9 @@ from sqlalchemy.engine import Connection
 from ...enums import RUN_FINAL_STATES, RUN_LOST, RUN_STARTED, SessionStatus, TaskStatus
 from ...records import Dispatch, TaskRecord
 from .engine import Engines
-from .models import UTCDateTime, branch_groups, runs, session_tasks, sessions
+from .models import ENDED, UTCDateTime, branch_groups, runs, session_tasks, sessions
 
 T, R, S = session_tasks.c, runs.c, sessions.c
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 _dispatches = Table(  # SQLite only; its triggers do the work
     "sf_dispatches",
@@ -173,7 +172,7 @@ class TasksSQL:
             row = conn.execute(query).first()
             if row is not None and (
                 row.status == SessionStatus.OPEN.value
-                or (row.status in _ENDED and row.settled_at is None)
+                or (row.status in ENDED and row.settled_at is None)
             ):
                 conn.execute(
                     update(sessions)

@@ -16,10 +16,9 @@ from ...enums import SessionStatus, WorkerStatus
 from ...errors import NodeNameInUse, StoreError
 from ...records import WorkerRecord, utcnow
 from .engine import Engines
-from .models import UTCDateTime, leases, meta, runs, sessions, workers
+from .models import ENDED, UTCDateTime, leases, meta, runs, sessions, workers
 
 W, S, L, R = workers.c, sessions.c, leases.c, runs.c
-_ENDED = (SessionStatus.CLOSED.value, SessionStatus.FAILED.value)
 
 
 def db_now(conn: Connection) -> datetime:
@@ -159,7 +158,7 @@ class WorkersSQL:
     def silent_workers(self, min_age: float) -> list[tuple[str, float, WorkerStatus]]:
         has_work = or_(
             exists().where(S.hostname == W.nodename, S.status == SessionStatus.OPEN.value),
-            exists().where(S.hostname == W.nodename, S.status.in_(_ENDED), S.settled_at.is_(None)),
+            exists().where(S.hostname == W.nodename, S.status.in_(ENDED), S.settled_at.is_(None)),
             exists().where(R.worker == W.nodename, R.finished_at.is_(None)),
         )
         with self.engines.read() as conn:
