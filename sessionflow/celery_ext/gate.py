@@ -100,7 +100,7 @@ class Gate:
     def refuse(self, req: Any, error: Exception) -> None:
         """End a request without running it: its error is its result."""
         self.refused += 1
-        self._observe(str(req.request_dict.get(SESSION_HEADER) or ""), REFUSED_STATE)
+        self.observe(str(req.request_dict.get(SESSION_HEADER) or ""), REFUSED_STATE)
         logger.info("not running %s[%s]: %s", req.name, req.id, error)
         task_ready(req)
         try:
@@ -117,77 +117,22 @@ class Gate:
         def follow(target: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
             request = args[2] if isinstance(args, (list, tuple)) and len(args) > 2 else None
             session_id = request.get(SESSION_HEADER) if isinstance(request, dict) else None
-            if session_id and request is not None and self.live.get(session_id) is not None:
-                self._follow(session_id, args[1], request, options)
-            if session_id and self.limiter.limits:
-                self.limiter.follow(args[1], options)
+            if session_id:
+                if request is not None and self.live.get(session_id) is not None:
+                    _Followed(self, session_id, args[1], request, options)
+                if self.limiter.limits:
+                    self.limiter.follow(args[1], options)
             return apply_async(target, args, kwargs, **options)
 
         follow.__wrapped__ = apply_async  # type: ignore[attr-defined]
         return follow
 
-    def _follow(
-        self, session_id: str, task_id: str, request: dict[str, Any], options: dict[str, Any]
-    ) -> None:
-        attempt = int(request.get("retries") or 0)
-        name = request.get("task")
-        worker = self.live.nodename
-        began: list[Any] = []
-
-        def run(state: str, error: str | None = None, finished: bool = True) -> Run:
-            started_at = began[0] if began else utcnow()
-            return Run(
-                task_id,
-                attempt,
-                session_id,
-                name,
-                state,
-                worker,
-                started_at,
-                utcnow() if finished else None,
-                error[:MAX_ERROR] if error else None,
-            )
-
-        def on_accepted(*args: Any, **kwargs: Any) -> None:
-            began.append(utcnow())
-            self.live.started(session_id, task_id)
-            self.writer.started((task_id, attempt), lambda: run(RUN_STARTED, finished=False))
-
-        def on_result(result: Any, *args: Any, **kwargs: Any) -> None:
-            try:
-                failed, retval = result[0], result[1]
-            except (TypeError, IndexError):
-                failed, retval = False, None
-            exc = _unwrap(getattr(retval, "exception", None)) if failed else None
-            if failed and getattr(exc, REFUSED, False):
-                self.live.finished(session_id, task_id)  # the gate in the pool said no
-                self._observe(session_id, REFUSED_STATE)
-                return
-            if not failed:
-                self._ended(session_id, task_id, run(states.SUCCESS))
-            elif isinstance(exc, Retry):
-                self._ended(session_id, task_id, run(states.RETRY, _describe(exc.exc or exc)))
-            elif isinstance(exc, Ignore):
-                self._ended(session_id, task_id, run(states.IGNORED))
-            elif isinstance(exc, Reject):
-                self._ended(session_id, task_id, run(states.REJECTED, _describe(exc)))
-            else:
-                self._ended(session_id, task_id, run(states.FAILURE, _describe(exc)))
-
-        def on_error(exc_info: Any, *args: Any, **kwargs: Any) -> None:
-            exc = _unwrap(getattr(exc_info, "exception", exc_info))
-            self._ended(session_id, task_id, run(states.FAILURE, _describe(exc)))
-
-        _chain(options, "accept_callback", on_accepted)
-        _chain(options, "callback", on_result)
-        _chain(options, "error_callback", on_error)
-
-    def _ended(self, session_id: str, task_id: str, run: Run) -> None:
+    def ended(self, session_id: str, task_id: str, run: Run) -> None:
         self.writer.finished(run)
         self.live.finished(session_id, task_id)
-        self._observe(session_id, run.state)
+        self.observe(session_id, run.state)
 
-    def _observe(self, session_id: str, state: str) -> None:
+    def observe(self, session_id: str, state: str) -> None:
         for observer in self.observers:
             try:
                 observer(session_id, state)
@@ -195,20 +140,111 @@ class Gate:
                 logger.exception("sessionflow: task observer %r failed", observer)
 
 
-def _chain(options: dict[str, Any], name: str, ours: Callable[..., None]) -> None:
-    """Run ``ours`` before Celery's own callback ``name``; ours never breaks theirs."""
-    theirs = options.get(name)
+class _Followed:
+    """One session task handed to the pool: its start and end, seen in the main process.
 
-    def both(*args: Any, **kwargs: Any) -> Any:
+    Its bound methods replace the pool callbacks ``accept_callback``, ``callback`` and
+    ``error_callback``: ours runs first (a failure of ours is logged, never breaks
+    Celery's), then Celery's own. One small object per task: this runs on the event loop
+    for every session task.
+    """
+
+    __slots__ = (
+        "accepted_cb",
+        "attempt",
+        "began",
+        "error_cb",
+        "gate",
+        "name",
+        "result_cb",
+        "session_id",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        gate: Gate,
+        session_id: str,
+        task_id: str,
+        request: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        self.gate = gate
+        self.session_id = session_id
+        self.task_id = task_id
+        self.attempt = int(request.get("retries") or 0)
+        self.name = request.get("task")
+        self.began: Any = None
+        self.accepted_cb = options.get("accept_callback")
+        self.result_cb = options.get("callback")
+        self.error_cb = options.get("error_callback")
+        options["accept_callback"] = self.on_accepted
+        options["callback"] = self.on_result
+        options["error_callback"] = self.on_error
+
+    def run(self, state: str, error: str | None = None, finished: bool = True) -> Run:
+        return Run(
+            self.task_id,
+            self.attempt,
+            self.session_id,
+            self.name,
+            state,
+            self.gate.live.nodename,
+            self.began or utcnow(),
+            utcnow() if finished else None,
+            error[:MAX_ERROR] if error else None,
+        )
+
+    def start_row(self) -> Run:
+        return self.run(RUN_STARTED, finished=False)
+
+    def on_accepted(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            ours(*args, **kwargs)
+            self.began = utcnow()
+            self.gate.live.started(self.session_id, self.task_id)
+            self.gate.writer.started((self.task_id, self.attempt), self.start_row)
         except Exception:
-            logger.exception("sessionflow: %s hook failed", name)
-        if theirs is not None:
-            return theirs(*args, **kwargs)
-        return None
+            logger.exception("sessionflow: accept_callback hook failed")
+        return None if self.accepted_cb is None else self.accepted_cb(*args, **kwargs)
 
-    options[name] = both
+    def on_result(self, result: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._result(result)
+        except Exception:
+            logger.exception("sessionflow: callback hook failed")
+        return None if self.result_cb is None else self.result_cb(result, *args, **kwargs)
+
+    def on_error(self, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            exc = _unwrap(getattr(exc_info, "exception", exc_info))
+            self.gate.ended(self.session_id, self.task_id, self.run(states.FAILURE, _describe(exc)))
+        except Exception:
+            logger.exception("sessionflow: error_callback hook failed")
+        return None if self.error_cb is None else self.error_cb(exc_info, *args, **kwargs)
+
+    def _result(self, result: Any) -> None:
+        try:
+            failed, retval = result[0], result[1]
+        except (TypeError, IndexError):
+            failed, retval = False, None
+        gate = self.gate
+        if not failed:
+            gate.ended(self.session_id, self.task_id, self.run(states.SUCCESS))
+            return
+        exc = _unwrap(getattr(retval, "exception", None))
+        if getattr(exc, REFUSED, False):
+            gate.live.finished(self.session_id, self.task_id)  # the gate in the pool said no
+            gate.observe(self.session_id, REFUSED_STATE)
+        elif isinstance(exc, Retry):
+            gate.ended(
+                self.session_id, self.task_id, self.run(states.RETRY, _describe(exc.exc or exc))
+            )
+        elif isinstance(exc, Ignore):
+            gate.ended(self.session_id, self.task_id, self.run(states.IGNORED))
+        elif isinstance(exc, Reject):
+            gate.ended(self.session_id, self.task_id, self.run(states.REJECTED, _describe(exc)))
+        else:
+            gate.ended(self.session_id, self.task_id, self.run(states.FAILURE, _describe(exc)))
 
 
 def _unwrap(exc: Any) -> Any:
