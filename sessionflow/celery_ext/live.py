@@ -40,7 +40,7 @@ RECENT = 10_000  # ended sessions remembered, to refuse their late messages with
 
 
 def file_name(task_id: str) -> str:
-    """The claim file of a task: its id when that is a safe file name, else a digest."""
+    """The claim link of a task: its id when that is a safe file name, else a digest."""
     if _SAFE_FILE.match(task_id):
         return task_id
     return "h-" + sha1(task_id.encode("utf-8", "surrogatepass")).hexdigest()
@@ -276,7 +276,7 @@ class LiveSessions:
         return status, reason
 
     def _close_dir(self, session_id: str) -> set[str]:
-        """Atomically stop new starts; returns the claim files of tasks that started."""
+        """Atomically stop new starts; returns the claim links of tasks that started."""
         folder = os.path.join(self.dir, session_id)
         closed = os.path.join(self.dir, f".ended-{session_id}-{time.monotonic_ns()}")
         try:
