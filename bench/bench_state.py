@@ -36,7 +36,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from sessionflow import Session, SessionFlow
-from sessionflow.store import utcnow
+from sessionflow.records import NewSession, utcnow
+from sessionflow.store.sql import SQLStore
 
 WRITERS = 4
 raw_meta = MetaData()
@@ -57,11 +58,17 @@ def make_flow(url: str) -> SessionFlow:
 
 def make_session(flow: SessionFlow) -> Session:
     sid = str(uuid.uuid4())
-    flow.store.create_pending(
-        {"id": sid, "created_at": utcnow(), "creation_timeout": 5.0, "execution_timeout": 3600.0}
-    )
-    flow.store.admit(sid, f"bench-{sid[:8]}@local", "bench", 1_000_000)
+    flow.store.create_pending(NewSession(sid, utcnow(), 5.0, 3600.0))
+    flow.store.admit(sid, f"bench-{sid[:8]}@local", "bench")
     return flow.get_session(sid)
+
+
+def engines(flow: SessionFlow) -> tuple[Any, Any]:
+    """The store's own (write, read) engines: the baseline runs on the same connections."""
+    store = flow.store
+    if not isinstance(store, SQLStore):
+        raise TypeError(f"bench_state needs an SQL store, not {type(store).__name__}")
+    return store.engines.get()
 
 
 def paired_p50(
@@ -82,7 +89,7 @@ def paired_p50(
 
 def raw_ops(flow: SessionFlow) -> tuple[Callable[[int], None], Callable[[int], Any]]:
     """The same single-row operations, hand-written with SQLAlchemy Core (statements built once)."""
-    write_engine, read_engine = flow.store._engines()
+    write_engine, read_engine = engines(flow)
     raw_meta.create_all(write_engine)
     insert = (pg_insert if write_engine.dialect.name == "postgresql" else sqlite_insert)(raw_kv)
     upsert = insert.on_conflict_do_update(
@@ -129,7 +136,7 @@ def _state_writer(url: str, session_id: str, key: str, times: int, start: Any) -
 
 
 def _raw_writer(url: str, key: str, times: int, start: Any) -> None:
-    engine = make_flow(url).store._engines()[0]
+    engine = engines(make_flow(url))[0]
     with engine.begin() as conn:
         conn.execute(select(raw_kv.c.k).where(raw_kv.c.k == key))
     start.wait()
@@ -146,7 +153,7 @@ def throughput(flow: SessionFlow, url: str, total: int) -> dict[str, float]:
     per = total // WRITERS
     key = f"app:bench-{uuid.uuid4().hex[:8]}"
     raw_key = f"raw-{key}"
-    write_engine = flow.store._engines()[0]
+    write_engine = engines(flow)[0]
     with write_engine.begin() as conn:
         conn.execute(raw_kv.insert().values(k=raw_key, v=None, version=0))
     results = {}
