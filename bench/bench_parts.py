@@ -82,7 +82,7 @@ def timed(work: Callable[[], None]) -> float:
 # -- worker main process ---------------------------------------------------------------
 
 
-def event_loop(n: int, store: Any) -> tuple[float, float]:
+def event_loop(n: int, store: Any) -> tuple[float, float, float]:
     writer = Writer(NoRows())  # type: ignore[arg-type]
     live = LiveSessions(NODE, "q", 10, store, None, writer.flush)  # type: ignore[arg-type]
     session = store.get_session(open_session(store))
@@ -148,12 +148,13 @@ def _celery(*args: Any) -> None:
 Loop = Callable[[bool], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]]
 
 
-def _paired(loop: Loop, n: int) -> tuple[float, float]:
-    """(plain, session) median µs per task. ``loop(in_session)`` gives (prepare, work,
-    clean up); only ``work`` is timed. Plain and session loops alternate, and which goes
-    first, so drift hits both alike."""
+def _paired(loop: Loop, n: int, repeats: int = REPEATS) -> tuple[float, float, float]:
+    """(plain, session, session - plain) µs per task: medians over ``repeats`` pairs of
+    loops, the extra the median of each pair's difference. ``loop(in_session)`` gives
+    (prepare, work, clean up); only ``work`` is timed. Which of a pair goes first
+    alternates, so drift hits both alike."""
     results: dict[bool, list[float]] = {False: [], True: []}
-    for repeat in range(REPEATS + 1):  # the first pair warms up
+    for repeat in range(repeats + 1):  # the first pair warms up
         order = (False, True) if repeat % 2 else (True, False)
         for in_session in order:
             prepare, work, clean = loop(in_session)
@@ -162,13 +163,15 @@ def _paired(loop: Loop, n: int) -> tuple[float, float]:
             clean()
             if repeat:
                 results[in_session].append(took / n * 1e6)
-    return statistics.median(results[False]), statistics.median(results[True])
+    plain, session = results[False], results[True]
+    extra = statistics.median(s - p for p, s in zip(plain, session, strict=True))
+    return statistics.median(plain), statistics.median(session), extra
 
 
 # -- pool process ---------------------------------------------------------------------
 
 
-def pool_process(n: int) -> tuple[float, float]:
+def pool_process(n: int) -> tuple[float, float, float]:
     live_dir = tempfile.mkdtemp(
         prefix="sfparts-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
     )
@@ -216,8 +219,8 @@ def pool_process(n: int) -> tuple[float, float]:
 # -- client ---------------------------------------------------------------------------
 
 
-def client(n: int, url: str) -> tuple[float, float]:
-    app = Celery("benchparts", broker="memory://", backend="cache+memory://", set_as_current=False)
+def client(n: int, url: str) -> tuple[float, float, float]:
+    app = Celery("benchparts", broker="memory://", set_as_current=False)  # no result backend
     app.conf.sessionflow_database_url = url
 
     @app.task(name="bench.noop", shared=False)  # type: ignore[untyped-decorator]
@@ -232,17 +235,21 @@ def client(n: int, url: str) -> tuple[float, float]:
     registrar = flow.registrar
     registrar._ensure_thread = lambda: None  # type: ignore[method-assign]  # rows: below
 
+    # Celery's own send (~200 us) is in both: more, shorter pairs to see a few us through
+    # its spread.
+    count = max(1, n // 4)
+
     def loop(in_session: bool) -> tuple[Callable[[], None], ...]:
         send = (lambda: session.apply_async(task)) if in_session else task.apply_async
 
         def work() -> None:
-            for _ in range(n):
+            for _ in range(count):
                 send()
 
         return _nothing, work, registrar._pending.clear
 
     try:
-        return _paired(loop, n)
+        return _paired(loop, count, repeats=4 * REPEATS)
     finally:
         flow.store.dispose()
 
@@ -264,27 +271,31 @@ def rows(url: str, batches: int) -> dict[str, tuple[float, float | None]]:
     store.upgrade()
     session_id = open_session(store)
 
-    def register() -> None:
+    def registrations() -> Callable[[], None]:
         tasks = tuple((str(uuid.uuid4()), "bench.noop") for _ in range(REGISTRATIONS))
-        store.dispatch(Dispatch(session_id, tasks))
+        return lambda: store.dispatch(Dispatch(session_id, tasks)) and None
 
-    def record() -> None:
+    def runs() -> Callable[[], None]:
         now = utcnow()
-        store.record_runs(
-            [
-                Run(str(uuid.uuid4()), 0, session_id, "bench.noop", "SUCCESS", NODE, now, now)
-                for _ in range(RUNS)
-            ]
-        )
+        batch = [
+            Run(str(uuid.uuid4()), 0, session_id, "bench.noop", "SUCCESS", NODE, now, now)
+            for _ in range(RUNS)
+        ]
+        return lambda: store.record_runs(batch)
 
     measured = {}
     try:
-        for name, write, size in (("registration", register, REGISTRATIONS), ("run", record, RUNS)):
-            write()
+        for name, make, size in (
+            ("registration", registrations, REGISTRATIONS),
+            ("run", runs, RUNS),
+        ):
+            make()()
+            writes = [make() for _ in range(batches)]  # the rows are made before timing
             server0, cpu0 = services_cpu()["postgres"], time.process_time()
-            for _ in range(batches):
+            for write in writes:
                 write()
-            server1, cpu1 = services_cpu()["postgres"], time.process_time()
+            cpu1 = time.process_time()  # before reading /proc, which costs CPU too
+            server1 = services_cpu()["postgres"]
             tasks = batches * size
             server = None
             if url.startswith("postgresql") and server0 is not None and server1 is not None:
@@ -313,8 +324,8 @@ def scratch_postgres() -> tuple[str, Callable[[], None]]:
     )
 
 
-def line(label: str, plain: float, session: float) -> str:
-    return f"  {label:<44} {plain:8.1f} {session:9.1f} {session - plain:+8.1f}"
+def line(label: str, plain: float, session: float, extra: float) -> str:
+    return f"  {label:<44} {plain:8.1f} {session:9.1f} {extra:+8.1f}"
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -332,7 +343,10 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     print("sessionflow bench_parts: each part of a session task in a loop of its own")
     print(environment_line())
-    print(f"\nµs per task (median of {REPEATS} loops of {args.n:,} tasks)")
+    print(
+        f"\nµs per task (medians of {REPEATS} pairs of loops of {args.n:,} tasks; client: "
+        f"{4 * REPEATS} pairs of {args.n // 4:,}); extra: median of the pairs' differences"
+    )
     print(f"  {'part':<44} {'plain':>8} {'session':>9} {'extra':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/parts.db"
@@ -346,9 +360,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             ]
         finally:
             sqlite_store.dispose()
-        for label, (plain, session) in parts:
-            print(line(label, plain, session))
-        code_extra = sum(session - plain for _, (plain, session) in parts)
+        for label, figures in parts:
+            print(line(label, *figures))
+        code_extra = sum(extra for _, (_, _, extra) in parts)
         print(f"  {'code, all parts':<44} {'':>8} {'':>9} {code_extra:+8.1f}")
 
         print(
