@@ -127,10 +127,10 @@ class Gate:
         follow.__wrapped__ = apply_async  # type: ignore[attr-defined]
         return follow
 
-    def ended(self, session_id: str, task_id: str, run: Run) -> None:
+    def ended(self, run: Run) -> None:
         self.writer.finished(run)
-        self.live.finished(session_id, task_id)
-        self.observe(session_id, run.state)
+        self.live.finished(run.session_id, run.task_id)
+        self.observe(run.session_id, run.state)
 
     def observe(self, session_id: str, state: str) -> None:
         for observer in self.observers:
@@ -217,7 +217,7 @@ class _Followed:
     def on_error(self, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             exc = _unwrap(getattr(exc_info, "exception", exc_info))
-            self.gate.ended(self.session_id, self.task_id, self.run(states.FAILURE, _describe(exc)))
+            self.gate.ended(self.run(states.FAILURE, _describe(exc)))
         except Exception:
             logger.exception("sessionflow: error_callback hook failed")
         return None if self.error_cb is None else self.error_cb(exc_info, *args, **kwargs)
@@ -227,24 +227,23 @@ class _Followed:
             failed, retval = result[0], result[1]
         except (TypeError, IndexError):
             failed, retval = False, None
-        gate = self.gate
         if not failed:
-            gate.ended(self.session_id, self.task_id, self.run(states.SUCCESS))
+            self.gate.ended(self.run(states.SUCCESS))
             return
         exc = _unwrap(getattr(retval, "exception", None))
-        if getattr(exc, REFUSED, False):
-            gate.live.finished(self.session_id, self.task_id)  # the gate in the pool said no
-            gate.observe(self.session_id, REFUSED_STATE)
-        elif isinstance(exc, Retry):
-            gate.ended(
-                self.session_id, self.task_id, self.run(states.RETRY, _describe(exc.exc or exc))
-            )
+        if getattr(exc, REFUSED, False):  # the gate in the pool said no: it did not run
+            self.gate.live.finished(self.session_id, self.task_id)
+            self.gate.observe(self.session_id, REFUSED_STATE)
+            return
+        if isinstance(exc, Retry):
+            run = self.run(states.RETRY, _describe(exc.exc or exc))
         elif isinstance(exc, Ignore):
-            gate.ended(self.session_id, self.task_id, self.run(states.IGNORED))
+            run = self.run(states.IGNORED)
         elif isinstance(exc, Reject):
-            gate.ended(self.session_id, self.task_id, self.run(states.REJECTED, _describe(exc)))
+            run = self.run(states.REJECTED, _describe(exc))
         else:
-            gate.ended(self.session_id, self.task_id, self.run(states.FAILURE, _describe(exc)))
+            run = self.run(states.FAILURE, _describe(exc))
+        self.gate.ended(run)
 
 
 def _unwrap(exc: Any) -> Any:

@@ -19,9 +19,10 @@ from sessionflow.celery_ext.gate import REFUSED_STATE, Gate
 from sessionflow.celery_ext.live import LiveSessions, claim
 from sessionflow.celery_ext.tracing import REFUSED
 from sessionflow.celery_ext.writer import Writer
-from sessionflow.enums import RUN_STARTED, SessionStatus
+from sessionflow.enums import RUN_STARTED
 from sessionflow.errors import SessionTaskRefused
-from sessionflow.records import Run, SessionRecord, utcnow
+from sessionflow.records import NewSession, Run, SessionRecord, utcnow
+from sessionflow.store.memory import MemoryStore
 
 KEY = b"k" * 32
 NODE = "w1@test"
@@ -32,44 +33,18 @@ class Runs:
 
     def __init__(self) -> None:
         self.rows: list[Run] = []
-        self.failing = False
 
     def record_runs(self, rows: list[Run]) -> None:
-        if self.failing:
-            raise RuntimeError("store down")
         self.rows.extend(rows)
 
 
 def record(session_id: str) -> SessionRecord:
-    return SessionRecord(
-        id=session_id,
-        status=SessionStatus.OPEN,
-        reason=None,
-        hostname=NODE,
-        queue="q.w1",
-        user_id=None,
-        agent_id=None,
-        metadata=None,
-        creation_timeout=30.0,
-        execution_timeout=60.0,
-        heartbeat_timeout=10.0,
-        ttl=None,
-        idle_timeout=None,
-        max_turns=None,
-        turns=0,
-        survive_restart=False,
-        affinity="",
-        merge_policy="",
-        reducers=None,
-        created_at=utcnow(),
-        opened_at=utcnow(),
-        deadline_at=None,
-        expires_at=None,
-        closed_at=None,
-        recreated_from=None,
-        target_worker=None,
-        settled=False,
-    )
+    """The session as the store opened it on this worker."""
+    store = MemoryStore()
+    store.create_pending(NewSession(session_id, utcnow(), 30.0, 60.0))
+    opened = store.admit(session_id, NODE, "q.w1")
+    assert opened is not None
+    return opened
 
 
 @pytest.fixture
