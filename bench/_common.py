@@ -384,6 +384,17 @@ def _delete_redis_keys(prefix: str) -> None:
 # -- measuring ----------------------------------------------------------------
 
 
+def open_session(store: Any, nodename: str, queue: str, execution_timeout: float = 3600.0) -> str:
+    """A session opened on ``nodename`` straight in the store (no worker): its id."""
+    from sessionflow.records import NewSession, utcnow
+
+    session_id = str(uuid.uuid4())
+    store.create_pending(NewSession(session_id, utcnow(), 5.0, execution_timeout))
+    if store.admit(session_id, nodename, queue) is None:
+        raise BenchError(f"the store did not open session {session_id}")
+    return session_id
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Seconds one call of ``fn`` takes."""
     started = time.perf_counter()

@@ -36,7 +36,15 @@ from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
 
-from _common import PG_ADMIN_URL, PG_HOST, PG_PORT, environment_line, service_up, services_cpu
+from _common import (
+    PG_ADMIN_URL,
+    PG_HOST,
+    PG_PORT,
+    environment_line,
+    open_session,
+    service_up,
+    services_cpu,
+)
 from celery import Celery
 
 from sessionflow import SessionFlow, tokens
@@ -47,7 +55,7 @@ from sessionflow.celery_ext.live import LiveSessions
 from sessionflow.celery_ext.tracing import SessionTracer
 from sessionflow.celery_ext.writer import Writer
 from sessionflow.config import Config
-from sessionflow.records import Dispatch, NewSession, Run, utcnow
+from sessionflow.records import Dispatch, Run, utcnow
 from sessionflow.store.sql import SQLStore
 
 KEY = b"k" * 32
@@ -85,7 +93,7 @@ def timed(work: Callable[[], None]) -> float:
 def event_loop(n: int, store: Any) -> tuple[float, float, float]:
     writer = Writer(NoRows())  # type: ignore[arg-type]
     live = LiveSessions(NODE, "q", 10, store, None, writer.flush)  # type: ignore[arg-type]
-    session = store.get_session(open_session(store))
+    session = store.get_session(open_session(store, NODE, "q"))
     live.open(session)
     gate = Gate(SimpleNamespace(signing_key=KEY), live, writer)  # type: ignore[arg-type]
 
@@ -225,7 +233,7 @@ def client(n: int, url: str) -> tuple[float, float, float]:
 
     flow = SessionFlow(app)
     flow.store.upgrade()
-    session = flow.get_session(open_session(flow.store))
+    session = flow.get_session(open_session(flow.store, NODE, "q"))
     task = app.tasks["bench.noop"]
     app.amqp.send_task_message = lambda *args, **kwargs: None  # publishing is not timed
     registrar = flow.registrar
@@ -253,19 +261,11 @@ def client(n: int, url: str) -> tuple[float, float, float]:
 # -- rows -----------------------------------------------------------------------------
 
 
-def open_session(store: Any) -> str:
-    session_id = str(uuid.uuid4())
-    store.create_pending(NewSession(session_id, utcnow(), 30.0, 3600.0))
-    if store.admit(session_id, NODE, "q") is None:
-        raise RuntimeError("could not open the bench's session")
-    return session_id
-
-
 def rows(url: str, batches: int) -> dict[str, tuple[float, float | None]]:
     """µs per task: (this process, database server or None) for each kind of row."""
     store = SQLStore(Config(database_url=url))
     store.upgrade()
-    session_id = open_session(store)
+    session_id = open_session(store, NODE, "q")
 
     def registrations() -> Callable[[], None]:
         tasks = tuple((str(uuid.uuid4()), "bench.noop") for _ in range(REGISTRATIONS))

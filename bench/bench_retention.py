@@ -28,11 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _common import open_session
 from sqlalchemy import create_engine, text
 
 from sessionflow.config import Config
 from sessionflow.enums import SessionStatus
-from sessionflow.records import Dispatch, NewSession, Run, utcnow
+from sessionflow.records import Dispatch, Run, utcnow
 from sessionflow.retention import prune
 from sessionflow.store.base import StateWrite
 from sessionflow.store.sql import SQLStore
@@ -41,11 +42,7 @@ PG_ADMIN = "postgresql://127.0.0.1:5432/test"
 
 
 def cycle(store: SQLStore, n: int) -> None:
-    sid = str(uuid.uuid4())
-    store.create_pending(
-        NewSession(id=sid, created_at=utcnow(), creation_timeout=5, execution_timeout=60)
-    )
-    store.admit(sid, "bench@local", "bench.q")
+    sid = open_session(store, "bench@local", "bench.q", execution_timeout=60)
     task_id = str(uuid.uuid4())
     store.dispatch(Dispatch(sid, ((task_id, "bench.noop"),)))
     store.state_write(sid, [StateWrite("session", sid, "k", {"n": n}, 9)], 1 << 20)

@@ -29,14 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import PG_ADMIN_URL, PG_HOST, PG_PORT, service_up
+from _common import PG_ADMIN_URL, PG_HOST, PG_PORT, open_session, service_up
 from celery import Celery
 from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from sessionflow import Session, SessionFlow
-from sessionflow.records import NewSession, utcnow
 from sessionflow.store.sql import SQLStore
 
 WRITERS = 4
@@ -57,10 +56,7 @@ def make_flow(url: str) -> SessionFlow:
 
 
 def make_session(flow: SessionFlow) -> Session:
-    sid = str(uuid.uuid4())
-    flow.store.create_pending(NewSession(sid, utcnow(), 5.0, 3600.0))
-    flow.store.admit(sid, f"bench-{sid[:8]}@local", "bench")
-    return flow.get_session(sid)
+    return flow.get_session(open_session(flow.store, "bench-state@local", "bench"))
 
 
 def engines(flow: SessionFlow) -> tuple[Any, Any]:
