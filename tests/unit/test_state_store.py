@@ -217,6 +217,26 @@ def test_values_are_private_copies(s: Session) -> None:
     assert s.state["v"] == {"items": [1]}
 
 
+# Numbers whose JSON text SQLite's NUMERIC affinity (a column declared JSON) used to
+# convert on the way in: floats with no fraction came back as ints, ints beyond 64 bits
+# as inexact floats.
+EXACT = [2.0, -0.0, 1e16, 2**63, -(2**63) - 1, 2**80, 0.1 + 0.2, 2**63 - 1, "5", "2.0"]
+
+
+@pytest.mark.parametrize("value", EXACT, ids=repr)
+def test_a_number_comes_back_exactly_as_written(flow: SessionFlow, s: Session, value: Any) -> None:
+    s.state["n"] = value
+    for got in (s.state["n"], flow.get_session(s.id).state.to_dict()["n"]):
+        assert got == value and type(got) is type(value)
+        assert repr(got) == repr(value)  # -0.0 too
+
+
+def test_an_increment_past_64_bits_stays_an_exact_int(s: Session) -> None:
+    s.state["c"] = 2**62
+    assert s.state.increment("c", 2**62) == 2**63
+    assert s.state["c"] == 2**63 and type(s.state["c"]) is int
+
+
 def test_state_is_durable_and_shared_between_objects(flow: SessionFlow, s: Session) -> None:
     s.state["k"] = 1
     other = flow.get_session(s.id)

@@ -8,6 +8,7 @@ engines, errors and transactions interleaved on two connections.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -196,6 +197,36 @@ def test_an_old_schema_asks_for_an_upgrade(tmp_path: Path) -> None:
         assert auto.revision() == migrate.head_revision()
     finally:
         auto.dispose()
+
+
+def test_sqlite_state_numbers_written_before_0006_come_back_at_full_precision(
+    tmp_path: Path,
+) -> None:
+    # Before 0006 SQLite stored a number-looking value as REAL or INTEGER (NUMERIC
+    # affinity); the migration rewrites them as JSON text from full-precision floats
+    # (SQLite's own CAST to text keeps 15 digits: 0.30000000000000004 would become 0.3).
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    written = {"f": 0.1 + 0.2, "i": 2**62, "s": "text", "d": {"x": 2.0}}
+    with engine.begin() as conn:
+        migrate.upgrade(conn, "0005")
+        for key, value in written.items():
+            conn.exec_driver_sql(
+                "INSERT INTO sf_state (scope, scope_id, key, value, size, version, deleted,"
+                " updated_at) VALUES ('app', '', ?, ?, 1, 1, 0, '2026-12-07 00:00:00.000000')",
+                (key, json.dumps(value)),
+            )
+        kinds = dict(conn.exec_driver_sql("SELECT key, typeof(value) FROM sf_state").all())
+    assert kinds == {"f": "real", "i": "integer", "s": "text", "d": "text"}  # as 0005 kept them
+    engine.dispose()
+    store = SQLStore(Config(database_url=url))
+    try:
+        assert store.upgrade() == migrate.head_revision()
+        read = {key: store.state_read("app", "", key)[0] for key in written}
+        assert read == written and type(read["f"]) is float and type(read["i"]) is int
+        assert read["f"] == 0.30000000000000004
+    finally:
+        store.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
