@@ -253,6 +253,12 @@ class Creating(Admitting):
         missing = [n for n in ("creation_timeout", "execution_timeout") if n not in options]
         if missing:
             raise InvalidArgument(f"{' and '.join(missing)} must be given (seconds)")
+        internal = sorted(set(options) & set(opts.INTERNAL))
+        if internal:  # set by recreate_session from a token, never by a caller
+            raise InvalidArgument(
+                f"unknown session option: {internal[0]!r} (to open a session on the worker "
+                "of an earlier one, pass its recreate token to recreate_session)"
+            )
         try:
             new = opts.new_session(self.config, self.reducers, **options)
         except TypeError as exc:

@@ -33,6 +33,9 @@ _APP_ATTR = "_sessionflow"
 END_REPLY_TIMEOUT = 1.0  # seconds to wait for the owning worker to confirm an end
 
 
+_LISTED = (SessionState.OPEN, SessionState.CLOSED, SessionState.FAILED)
+
+
 class SessionFlow(Creating):
     """Sessions for one Celery app. ``SessionFlow(app)`` is idempotent."""
 
@@ -206,10 +209,13 @@ class SessionFlow(Creating):
             try:
                 status = SessionStatus(SessionState(state).value)
             except ValueError:
+                status = None
+            if status is None or status is SessionStatus.PENDING:
                 raise InvalidArgument(
-                    f"state must be one of {[s.value for s in SessionState]}, "
-                    f"got {limits._shown(state)}"
-                ) from None
+                    f"state must be one of {[s.value for s in _LISTED]} (sessions a worker "
+                    "admitted; find a requested one with get_session(id)), got "
+                    f"{limits._shown(state)}"
+                )
         limits.text("user_id", user_id, optional=True)
         limits.text("hostname", hostname, optional=True)
         limits.text("agent_id", agent_id, optional=True)
@@ -228,6 +234,9 @@ class SessionFlow(Creating):
         settles the session's unstarted tasks. If it does not answer, this waits
         until its next heartbeat has seen the end (or until it counts as lost).
         """
+        limits.text("session_id", session_id)
+        status = limits.ending_status(status)
+        limits.text("reason", reason, max_len=limits.MAX_REASON)
         self.session_cache.pop(session_id, None)
         record = self.store.get_session(session_id)
         if record is not None and record.status is SessionStatus.PENDING:

@@ -12,10 +12,12 @@ import json
 import math
 from typing import Any
 
+from .enums import SessionStatus
 from .errors import InvalidArgument
 
 MAX_ID = 255  # user_id, agent_id, node names, task ids, state keys: the columns' width
 MAX_SESSION_ID = 64
+MAX_REASON = 64  # sf_sessions.reason
 MAX_INT = 2**31 - 1  # limits, counts and turns fit a 32-bit INTEGER column everywhere
 
 
@@ -41,6 +43,20 @@ def text(name: str, value: Any, *, max_len: int = MAX_ID, optional: bool = False
     return value
 
 
+def ending_status(status: Any) -> SessionStatus:
+    """``status`` as the SessionStatus a session ends with (closed or failed)."""
+    try:
+        ended = SessionStatus(status)
+    except ValueError:
+        ended = None
+    if ended not in (SessionStatus.CLOSED, SessionStatus.FAILED):
+        raise InvalidArgument(
+            f"a session ends closed or failed (SessionStatus.CLOSED or FAILED), "
+            f"not {_shown(status)}"
+        )
+    return ended
+
+
 def whole(name: str, value: Any, *, minimum: int, optional: bool = False) -> int | None:
     """An int (not a bool) in ``minimum .. 2**31-1``."""
     if value is None and optional:
@@ -56,7 +72,7 @@ def seconds(name: str, value: Any, *, optional: bool = False, zero: bool = False
     """A positive (or ``zero``-allowed), finite number of seconds."""
     if value is None and optional:
         return None
-    low_ok = (value >= 0) if zero else (value > 0) if _is_number(value) else False
+    low_ok = _is_number(value) and (value >= 0 if zero else value > 0)
     if not _is_number(value) or not math.isfinite(value) or not low_ok or value > 10**9:
         kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
         raise InvalidArgument(f"{name} must be {kind} (at most 1e9), got {_shown(value)}")

@@ -14,6 +14,8 @@ from .records import NewSession, utcnow
 MERGE_POLICIES = ("last_write_wins", "raise")
 BUILTIN_REDUCERS = ("append", "sum", "max", "min", "union", "merge")
 AFFINITIES = ("hard", "soft")
+# new_session options only recreate_session sets (from a verified token).
+INTERNAL = ("target_worker", "recreated_from")
 
 
 def new_session(

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery.backends.base import DisabledBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from . import limits
 from .enums import Reason, SessionStatus
 from .errors import (
     SessionCreationTimeout,
@@ -70,7 +71,7 @@ class SessionRequest:
         Raises SessionCreationTimeout once its ``creation_timeout`` passed with no worker
         (the session is then failed), SessionStillPending if ``timeout`` ran out first.
         """
-        end = self.deadline if timeout is None else min(self.deadline, time.time() + timeout)
+        end = self._end(timeout)
         if self._reply_id is not None and not isinstance(self._flow.app.backend, DisabledBackend):
             with contextlib.suppress(CeleryTimeout):
                 answer = self._flow.app.AsyncResult(self._reply_id).get(
@@ -87,8 +88,8 @@ class SessionRequest:
     async def wait_async(self, timeout: float | None = None) -> Session:
         """:meth:`wait` for asyncio: polls the store from the loop's default executor, so
         waiting requests cost no thread each."""
+        end = self._end(timeout)
         loop = asyncio.get_running_loop()
-        end = self.deadline if timeout is None else min(self.deadline, time.time() + timeout)
         delay = _POLL_START
         while time.time() < end:
             if await loop.run_in_executor(None, self.done):
@@ -96,6 +97,11 @@ class SessionRequest:
             await asyncio.sleep(min(delay, max(0.0, end - time.time())))
             delay = min(delay * 2, _POLL_MAX)
         return await loop.run_in_executor(None, self._outcome)
+
+    def _end(self, timeout: Any) -> float:
+        """When a wait of ``timeout`` seconds (None: until creation_timeout) gives up."""
+        wait = limits.seconds("timeout", timeout, optional=True, zero=True)
+        return self.deadline if wait is None else min(self.deadline, time.time() + wait)
 
     def _raise_refusal(self, answer: object) -> None:
         """A placed request's answer says why no worker took it: raise that, as

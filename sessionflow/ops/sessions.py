@@ -65,6 +65,8 @@ def list_sessions(
     for name, value in (("user_id", user_id), ("agent_id", agent_id), ("hostname", hostname)):
         limits.text(name, value, optional=True)
     limits.whole("limit", limit, minimum=1)
+    older_than = limits.seconds("older_than", older_than, optional=True, zero=True)
+    newer_than = limits.seconds("newer_than", newer_than, optional=True, zero=True)
     now = utcnow()
     records = flow.store.list_sessions(
         status=SessionStatus(state) if state else None,
@@ -147,12 +149,12 @@ def end_sessions(
     ``outcome`` per id: ``ended``; ``already_ended`` (it had ended before: nothing
     changed); ``not_open`` (pending, not admitted yet); ``not_found``.
     """
-    if status not in (SessionStatus.CLOSED, SessionStatus.FAILED):
-        raise InvalidArgument(f"a session ends closed or failed, not {status.value}")
-    limits.text("reason", reason)
+    status = limits.ending_status(status)
+    limits.text("reason", reason, max_len=limits.MAX_REASON)
+    for session_id in session_ids:  # every id checked before any session ends
+        limits.text("session_id", session_id)
     results = []
     for session_id in session_ids:
-        limits.text("session_id", session_id)
         record = flow.store.get_session(session_id)
         outcome = "not_found"
         if record is not None and record.status is SessionStatus.OPEN:

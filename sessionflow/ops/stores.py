@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from sqlalchemy.engine import make_url
 
+from .. import limits
 from ..config import DEFAULT_DATABASE_URL, Config, check_database_url, load_config
 from ..errors import ConfigurationError, InvalidArgument
 from ..records import utcnow
@@ -121,8 +121,8 @@ def prune(
                 "sessionflow_retention is None (ended sessions are kept for ever); "
                 "pass --older-than to choose what to prune"
             )
-    if not math.isfinite(older_than) or older_than < 0:
-        raise InvalidArgument(f"older_than must be seconds >= 0, got {older_than!r}")
+    older_than = limits.seconds("older_than", older_than, zero=True)
+    assert older_than is not None
     cutoff = utcnow() - timedelta(seconds=older_than)
     if apply:
         counts = retention_prune(flow.store, older_than, flow.config.history_max_runs)

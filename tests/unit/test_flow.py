@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,8 @@ def test_recreate_session_rejects_options_before_writing(
         {"user_id": ""},
         {"user_id": 7},
         {"hostname": b"w1@host"},
+        {"state": "pending"},  # never listed: it used to give [] whatever was pending
+        {"state": SessionState.PENDING},
     ],
 )
 def test_list_sessions_rejects(flow: SessionFlow, kwargs: dict[str, Any]) -> None:
@@ -281,6 +285,77 @@ def test_request_session_rejects_an_on_commit_that_is_no_hook(
 ) -> None:
     with pytest.raises(InvalidArgument, match="on_commit must be"):
         flow.request_session(creation_timeout=1, execution_timeout=1, on_commit=on_commit)
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("target_worker", ["w@host"]), ("target_worker", "w@host"), ("recreated_from", "s-1")],
+)
+def test_request_session_refuses_the_options_only_recreate_sets(
+    flow: SessionFlow, name: str, value: Any
+) -> None:
+    # A list here used to be taken, then failed every later registrar flush of the
+    # process (get_session and complete() of valid sessions raised StoreError).
+    options = {"creation_timeout": 5, "execution_timeout": 5, name: value}
+    with pytest.raises(InvalidArgument, match=name):
+        flow.request_session(**options)
+    with pytest.raises(InvalidArgument, match=name):
+        asyncio.run(flow.create_session_async(**options))
+    assert flow.registrar.pending() == 0
+
+
+@pytest.mark.parametrize("timeout", ["5", [1], math.nan, -1, math.inf, True])
+def test_waiting_for_a_request_checks_its_timeout(flow: SessionFlow, timeout: Any) -> None:
+    ask = flow.request_session(creation_timeout=5, execution_timeout=5)
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument, match="timeout"):
+        ask.wait(timeout)
+    with pytest.raises(InvalidArgument, match="timeout"):
+        asyncio.run(ask.wait_async(timeout))
+    assert time.monotonic() - started < 2  # refused, not waited on (nan waited 5 s)
+    assert flow.get_session(ask.id).info.state is SessionState.PENDING
+
+
+def open_in_store(flow: SessionFlow) -> str:
+    ask = flow.request_session(creation_timeout=30, execution_timeout=600)
+    flow.registrar.flush(ask.id)
+    assert flow.store.admit(ask.id, "w@nowhere", "q") is not None
+    return ask.id
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("<id>", SessionStatus.OPEN, "x"), "closed or failed"),
+        (("<id>", "open", "x"), "closed or failed"),
+        (("<id>", "bogus", "x"), "closed or failed"),
+        (("<id>", None, "x"), "closed or failed"),
+        (("<id>", SessionStatus.CLOSED, None), "reason"),
+        (("<id>", SessionStatus.CLOSED, ""), "reason"),
+        (("<id>", SessionStatus.CLOSED, "r" * 65), "reason"),
+        (([1], SessionStatus.CLOSED, "x"), "session_id"),
+        (("", SessionStatus.CLOSED, "x"), "session_id"),
+    ],
+)
+def test_end_session_checks_its_arguments(
+    flow: SessionFlow, args: tuple[Any, Any, Any], named: str
+) -> None:
+    session_id = open_in_store(flow)
+    call = [session_id if a == "<id>" else a for a in args]
+    with pytest.raises(InvalidArgument, match=named):
+        flow.end_session(*call)
+    record = flow.store.get_session(session_id)
+    assert record is not None and record.status is SessionStatus.OPEN
+    assert (record.closed_at, record.reason) == (None, None)
+
+
+def test_end_session_takes_the_status_as_its_value(flow: SessionFlow) -> None:
+    session_id = open_in_store(flow)
+    flow._tell_owner = lambda *_: True  # type: ignore[method-assign]
+    assert flow.end_session(session_id, "failed", "operator") is True
+    info = flow.get_session(session_id).info
+    assert (info.state, info.reason) == (SessionState.FAILED, "operator")
 
 
 def test_request_session_on_commit_hook_asks_only_when_called(flow: SessionFlow) -> None:

@@ -231,6 +231,25 @@ def test_end_sessions_that_are_not_open(flow: SessionFlow) -> None:
     assert out.stderr == "Error: 1 of 2 not ended: missing (not found)\n"
 
 
+def test_end_sessions_checks_every_id_before_ending_any(flow: SessionFlow) -> None:
+    first = opened(flow.store)
+    with pytest.raises(InvalidArgument, match="session_id"):
+        end_sessions(flow, [first, ""], SessionStatus.CLOSED, "operator")
+    assert flow.store.get_session(first).status is SessionStatus.OPEN  # ended nothing
+    out = cli(flow.app, "complete", first, "")
+    assert out.exit_code != 0 and "session_id" in out.stderr
+    assert flow.store.get_session(first).status is SessionStatus.OPEN
+
+
+@pytest.mark.parametrize("command", [("list",), ("prune",)])
+def test_an_age_beyond_any_date_is_a_usage_error(flow: SessionFlow, command: tuple[str]) -> None:
+    opened(flow.store)  # the store exists
+    out = cli(flow.app, *command, "--older-than", "99999999w")
+    assert out.exit_code != 0 and "older_than" in out.stderr
+    with pytest.raises(InvalidArgument, match="newer_than"):
+        list_sessions(flow, newer_than=10.0**12)
+
+
 def test_prune_counts_then_deletes(flow: SessionFlow) -> None:
     store = flow.store
     old = opened(store)
