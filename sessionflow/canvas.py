@@ -21,15 +21,18 @@ replace each member's signature with the group's.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from celery import Signature
 from celery.canvas import _chain, _chord, group, maybe_signature
 from kombu.entity import Exchange, Queue
 
+from . import limits
 from .errors import InvalidArgument
 from .runtime import current_run
 
@@ -56,6 +59,20 @@ def is_task(obj: Any) -> bool:
     )
 
 
+def check_send(
+    obj: Any, args: Any, kwargs: Any, complete_when_done: Any, options: dict[str, Any]
+) -> None:
+    """What ``apply_async`` refuses before anything is counted or sent."""
+    if not isinstance(complete_when_done, bool):
+        raise InvalidArgument("complete_when_done must be True or False")
+    if "task_id" in options:
+        limits.text("task_id", options["task_id"])
+    check_sendable(obj)
+    check_call(args, kwargs, options)
+    if isinstance(obj, Signature):  # options set on it (a canvas's members: by Celery)
+        check_options(obj.options)
+
+
 def check_call(args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:
     """Refuse call arguments and options a session task cannot take."""
     if not isinstance(args, (list, tuple)):
@@ -69,16 +86,55 @@ def check_call(args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:
             "session runs on the session's worker. Drop the option, or send the task "
             "outside the session."
         )
+    check_options(options)
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Celery's scheduling options, checked before anything is counted or sent (Celery
+    itself fails on them only while publishing, with TypeError or ValueError)."""
+    for name in ("countdown", "time_limit", "soft_time_limit"):
+        value = options.get(name)
+        if value is not None and not (limits._is_number(value) and math.isfinite(value)):
+            raise InvalidArgument(f"{name} must be a number of seconds, got {limits._shown(value)}")
+    for name in ("eta", "expires"):
+        value = options.get(name)
+        if (
+            value is None
+            or isinstance(value, datetime)
+            or (name == "expires" and limits._is_number(value) and math.isfinite(value))
+        ):
+            continue
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            kinds = "a datetime, an ISO 8601 string" + (" or seconds" if name == "expires" else "")
+            raise InvalidArgument(f"{name} must be {kinds}, got {limits._shown(value)}") from None
+    priority = options.get("priority")
+    if priority is not None and not (
+        isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
+    ):
+        raise InvalidArgument(f"priority must be an integer 0-255, got {limits._shown(priority)}")
+    headers = options.get("headers")
+    if headers is not None and not isinstance(headers, Mapping):
+        raise InvalidArgument(f"headers must be a mapping, got {type(headers).__name__}")
 
 
 def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:
     """Turn a task or signature plus call arguments into a fresh signature."""
     check_call(args, kwargs, options)
+    check_sendable(obj)
     if isinstance(obj, Signature):
         return obj.clone(tuple(args), dict(kwargs or {}), **options)
-    if callable(getattr(obj, "signature", None)) and hasattr(obj, "name"):
-        sig: Signature = obj.signature(tuple(args), dict(kwargs or {}), **options)
-        return sig
+    sig: Signature = obj.signature(tuple(args), dict(kwargs or {}), **options)
+    return sig
+
+
+def check_sendable(obj: Any) -> None:
+    """Refuse what is neither a task nor a signature (a canvas is one)."""
+    if isinstance(obj, Signature) or (
+        callable(getattr(obj, "signature", None)) and hasattr(obj, "name")
+    ):
+        return
     raise InvalidArgument(
         f"expected a Celery task, signature or canvas, got {type(obj).__name__}; "
         "pass e.g. my_task, my_task.s(1) or chain(a.s(), b.s())"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
+from kombu.exceptions import EncodeError
 
 from . import branches, canvas, limits, tokens
 from .enums import Reason, SessionState, SessionStatus
@@ -140,10 +141,17 @@ class Session:
         whether it succeeded or failed (the failure still reaches the caller's
         ``.get()``): the web pattern "start the work, answer, let it end the session".
         """
-        if not isinstance(complete_when_done, bool):
-            raise InvalidArgument("complete_when_done must be True or False")
-        if "task_id" in options:
-            limits.text("task_id", options["task_id"])
+        canvas.check_send(obj, args, kwargs, complete_when_done, options)
+        try:
+            return self._send(obj, args, kwargs, complete_when_done, options)
+        except EncodeError as exc:  # nothing was sent, and nothing is counted
+            raise InvalidArgument(
+                f"the task's arguments cannot be serialised for the broker: {exc}"
+            ) from exc
+
+    def _send(
+        self, obj: Any, args: Any, kwargs: Any, complete_when_done: bool, options: dict[str, Any]
+    ) -> AsyncResult | GroupResult:
         if canvas.is_task(obj) and not complete_when_done:
             quick = self._send_task_quickly(obj, args, kwargs, options)
             if quick is not None:
@@ -192,8 +200,7 @@ class Session:
     ) -> AsyncResult | None:
         """A plain task of a session without ``max_turns``: sent as ``task.apply_async``
         would, with the session's headers, and no store round trip (None: take the
-        general path)."""
-        canvas.check_call(args, kwargs, options)
+        general path). Its arguments were checked by ``canvas.check_send``."""
         record = self._open_record()
         if record.max_turns is not None or not record.queue:
             return None
@@ -246,8 +253,12 @@ class Session:
     ) -> None:
         """Django: :meth:`apply_async` when the current transaction commits (never after a
         rollback), like Celery's ``delay_on_commit``. Arguments are checked now."""
-        canvas.check_call(
-            args, kwargs, {k: v for k, v in options.items() if k != "complete_when_done"}
+        canvas.check_send(
+            obj,
+            args,
+            kwargs,
+            options.get("complete_when_done", False),
+            {k: v for k, v in options.items() if k != "complete_when_done"},
         )
         django_on_commit(lambda: self.apply_async(obj, args, kwargs, **options))
 

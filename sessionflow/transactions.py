@@ -18,4 +18,11 @@ def django_on_commit(action: Callable[[], None]) -> None:
         raise ConfigurationError(
             "on_commit=True and apply_async_on_commit() need Django (django.db.transaction)"
         ) from None
-    transaction.on_commit(action)
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        transaction.on_commit(action)
+    except ImproperlyConfigured as exc:
+        raise ConfigurationError(
+            f"on_commit=True and apply_async_on_commit() need Django's settings: {exc}"
+        ) from None

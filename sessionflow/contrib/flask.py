@@ -30,7 +30,7 @@ from sqlalchemy.orm import SessionTransaction, scoped_session
 
 from ..celery_cli import sessions
 from ..config import Config, load_config
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidArgument
 from ..flow import SessionFlow
 from .alembic import chain_include_name, include_name, include_object
 
@@ -168,9 +168,16 @@ def after_commit(session: Any, action: Callable[[], Any]) -> None:
     Inside a savepoint (``begin_nested()``) the action belongs to it: dropped if the
     savepoint rolls back, run only when the outermost transaction commits.
     """
-    _listen()
+    if not callable(action):
+        raise InvalidArgument(f"after_commit needs a function to run, got {type(action).__name__}")
     if isinstance(session, scoped_session):
         session = session()
+    if not isinstance(session, OrmSession):
+        raise InvalidArgument(
+            "after_commit needs a SQLAlchemy session (Flask-SQLAlchemy: db.session), "
+            f"got {type(session).__name__}"
+        )
+    _listen()
     # The action belongs to the innermost transaction, begun now if none is (as the
     # session's next statement would), so that ending without a commit drops it.
     transaction = session.get_nested_transaction() or session.get_transaction()

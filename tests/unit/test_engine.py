@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import sqlite3
 import threading
@@ -16,7 +17,14 @@ from kombu.exceptions import EncodeError
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 
-from sessionflow import InvalidArgument, Session, SessionFlow, SessionFlowError, StoreError
+from sessionflow import (
+    ConfigurationError,
+    InvalidArgument,
+    Session,
+    SessionFlow,
+    SessionFlowError,
+    StoreError,
+)
 from sessionflow.celery_ext.live import LiveSessions, claim
 from sessionflow.celery_ext.ticker import Ticker
 from sessionflow.celery_ext.writer import Writer
@@ -74,12 +82,81 @@ def test_failed_publish_gives_back_turns_tasks_and_groups(flow: SessionFlow) -> 
     """0.1: a publish that failed left the turns taken and the branch rows behind."""
     s = opened(flow, max_turns=5)
     a = flow.app.tasks["t.a"]
-    with pytest.raises(EncodeError):
+    with pytest.raises(InvalidArgument, match="cannot be serialised") as info:
         s.apply_async(group(a.s(object()), a.s(2)))  # not JSON: kombu refuses to publish
+    assert isinstance(info.value.__cause__, EncodeError)
     assert s.info.turns == 0
     assert flow.store.tasks(s.id) == []
     s.apply_async(a, args=(1,))
     assert s.info.turns == 1 and len(flow.store.tasks(s.id)) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"countdown": "abc"}, "countdown"),
+        ({"countdown": math.nan}, "countdown"),
+        ({"expires": "tomorrow"}, "expires"),
+        ({"eta": 5}, "eta"),
+        ({"headers": "x"}, "headers"),
+        ({"priority": "high"}, "priority"),
+        ({"priority": 300}, "priority"),
+        ({"time_limit": math.inf}, "time_limit"),
+    ],
+)
+@pytest.mark.parametrize("max_turns", [None, 5])
+def test_bad_celery_options_are_refused_before_anything_is_counted_or_sent(
+    flow: SessionFlow, options: dict[str, Any], named: str, max_turns: int | None
+) -> None:
+    """Celery failed on them only while publishing, with TypeError or ValueError."""
+    s = opened(flow, max_turns=max_turns)
+    a = flow.app.tasks["t.a"]
+    for send in (lambda: s.apply_async(a, (1,), **options), lambda: s.delay(a.s(1).set(**options))):
+        with pytest.raises(InvalidArgument, match=named):
+            send()
+    flow.registrar.flush()
+    assert s.info.turns == 0 and flow.store.tasks(s.id) == []
+    s.apply_async(a, (1,), countdown=1, expires=60, priority=3, headers={"h": 1})
+    flow.registrar.flush()
+    assert s.info.turns == 1
+
+
+@pytest.mark.parametrize(
+    ("obj", "options", "named"),
+    [
+        ("not a task", {}, "expected a Celery task"),
+        (None, {"complete_when_done": "yes"}, "complete_when_done"),
+        (None, {"task_id": ""}, "task_id"),
+        (None, {"countdown": "soon"}, "countdown"),
+    ],
+)
+def test_apply_async_on_commit_checks_its_arguments_at_the_call(
+    flow: SessionFlow, obj: Any, options: dict[str, Any], named: str
+) -> None:
+    """They were checked only when the transaction committed: the commit raised, and
+    the application's later on-commit callbacks were skipped."""
+    s = opened(flow)
+    with pytest.raises(InvalidArgument, match=named):
+        s.apply_async_on_commit(obj or flow.app.tasks["t.a"], (1,), **options)
+
+
+def test_on_commit_without_django_settings_is_a_configuration_error(flow: SessionFlow) -> None:
+    s = opened(flow)  # this process never configures Django's settings
+    with pytest.raises(ConfigurationError, match="Django"):
+        s.apply_async_on_commit(flow.app.tasks["t.a"], (1,))
+    with pytest.raises(ConfigurationError, match="Django"):
+        flow.request_session(creation_timeout=5, execution_timeout=5, on_commit=True)
+
+
+def test_arguments_that_cannot_be_serialised_are_invalid_and_nothing_is_counted(
+    flow: SessionFlow,
+) -> None:
+    s = opened(flow)
+    with pytest.raises(InvalidArgument, match="cannot be serialised") as info:
+        s.apply_async(flow.app.tasks["t.a"], (object(),))
+    assert isinstance(info.value.__cause__, EncodeError)
+    flow.registrar.flush()
+    assert flow.store.tasks(s.id) == []
 
 
 @pytest.mark.parametrize(
