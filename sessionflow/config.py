@@ -100,12 +100,26 @@ def _shown(name: str, value: Any) -> str:
     return repr(value)
 
 
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.IGNORECASE)
+_MASK = "MASKEDBYSESSIONFLOW"  # letters only: rendered as is, then shown as ***
+
+
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (unparsable URLs are hidden whole)."""
+    """``url`` with any password replaced by ``***``: the password, and query parameters
+    that may hold one (``?password=``, ``sslpassword``, tokens, keys). Unparsable URLs are
+    hidden whole."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        if parsed.host and "@" in parsed.host:  # an unescaped "@" in the password
+            parsed = parsed.set(password=_MASK, host=parsed.host.rsplit("@", 1)[1])
+        query = {
+            name: _MASK if _SECRET_PARAM.search(name) else value
+            for name, value in parsed.query.items()
+        }
+        shown = parsed.set(query=query).render_as_string(hide_password=True)
     except (ArgumentError, ValueError, TypeError):
         return "<unparsable database URL>"
+    return shown.replace(_MASK, "***")
 
 
 def safe_name(nodename: str) -> str:

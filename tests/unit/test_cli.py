@@ -55,6 +55,13 @@ def test_db_commands_mask_the_password(tmp_path: Path) -> None:
     assert "bob:***@127.0.0.1:1/nothing" in output and "pw-never-shown" not in output
 
 
+def test_db_commands_mask_a_password_in_the_query_string(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://bob@127.0.0.1:1/nothing?password=pw-never-shown"
+    code, output = run("db", "upgrade", "--url", url, cwd=tmp_path)
+    assert code == 1
+    assert "password=***" in output and "pw-never-shown" not in output
+
+
 def test_url_and_app_together_is_a_usage_error(tmp_path: Path) -> None:
     code, output = run("db", "upgrade", "--url", "sqlite://", "-A", "proj", cwd=tmp_path)
     assert code == 2 and "not both" in output

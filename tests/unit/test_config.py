@@ -239,6 +239,32 @@ def test_repr_hides_secret_and_password() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://app@db:5432/x?password=hunter2&sslmode=require",
+            "postgresql+psycopg://app@db:5432/x?password=***&sslmode=require",
+        ),
+        (
+            "postgresql://app@db/x?sslpassword=hunter2&sslkey=/k/hunter2.pem",
+            "postgresql://app@db/x?sslkey=***&sslpassword=***",
+        ),
+        ("postgresql://app:hun@ter2@db/x", "postgresql://app:***@db/x"),  # unescaped @
+        (
+            "postgresql://app:hunter2@db/x?application_name=web",
+            "postgresql://app:***@db/x?application_name=web",
+        ),
+    ],
+)
+def test_every_password_in_a_url_is_masked(url: str, shown: str) -> None:
+    """A password in the query string (or after an unescaped @) used to be printed by
+    repr(config), the CLI, the banner and error messages."""
+    config = load_config(conf(database_url=url))
+    assert config.masked_url == shown
+    assert "hunter2" not in repr(config) and "ter2" not in repr(config)
+
+
+@pytest.mark.parametrize(
     "url", ["mysql+pymysql://root@127.0.0.1/test", "mariadb://u:pw@h/db", "mysql://h/db"]
 )
 def test_mysql_refused_with_the_reason(url: str) -> None:
