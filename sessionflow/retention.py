@@ -1,9 +1,11 @@
 """Retention: ended sessions are deleted, with their tasks, runs, branches and session state.
 
 ``sessionflow_retention`` (default 7 days, ``None`` keeps everything) is how long an
-ended session stays. The holder of the sweeper lease prunes every 30 seconds, in
-batches, so one pass never holds the store for long; a pass that deleted rows then lets
-the database reuse their space (PostgreSQL: VACUUM, see ``SQLStore.reclaim``).
+ended session stays. The holder of the sweeper lease (a worker's ticker or a client's
+watcher thread) prunes every 30 seconds, in batches, so one pass never holds the store
+for long, and trims histories to ``sessionflow_history_max_runs`` (also when retention
+is None); a pass that deleted rows then lets the database reuse their space
+(PostgreSQL: VACUUM, see ``SQLStore.reclaim``).
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ BATCH = 500
 
 def prune(
     store: SessionStore,
-    retention: float,
+    retention: float | None,
     history_bound: int,
     *,
     batch: int = BATCH,
     stop: Callable[[], bool] = lambda: False,
 ) -> PruneCounts:
-    """Delete sessions ended more than ``retention`` seconds ago, ``batch`` at a time,
-    then trim every session's history to its bound. Returns what went."""
-    cutoff = utcnow() - timedelta(seconds=retention)
+    """Delete sessions ended more than ``retention`` seconds ago (None: none), ``batch``
+    at a time, then trim every session's history to its bound. Returns what went."""
     total = PruneCounts()
-    while not stop():
+    cutoff = None if retention is None else utcnow() - timedelta(seconds=retention)
+    while cutoff is not None and not stop():
         done = store.prune(cutoff, batch=batch)
         total = total + done
         if done.sessions < batch:

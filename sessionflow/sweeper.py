@@ -29,12 +29,14 @@ from .placement import placed
 from .queues import Queues
 from .records import Ended, SessionRecord, utcnow
 from .results import Resolver
+from .retention import prune as retention_prune
 from .store import SessionStore
 
 logger = logging.getLogger("sessionflow")
 LEASE = "sweeper"
 # A task registered this recently may still be on its way to the broker.
 DISPATCH_GRACE = timedelta(seconds=1)
+RETENTION_EVERY = 30.0  # seconds between retention passes of the lease holder
 
 
 def holder_id() -> str:
@@ -67,23 +69,40 @@ class Sweeper:
         self.place_move = place_move
         self._move_asked: dict[str, float] = {}
         self._healthy_since: float | None = None
+        self._last_retention = float("-inf")  # the first pass comes with the first sweep
 
     @property
     def lease_ttl(self) -> float:
         # Short: a dead holder blocks sweeping until its lease runs out.
         return 2.5 * max(self.config.heartbeat_interval, self.config.monitor_interval)
 
-    def tick(self) -> bool:
-        """Sweep if this process holds (or can take) the lease; True if it swept."""
+    def tick(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Sweep if this process holds (or can take) the lease, and apply retention when
+        it is due (``stop``: the process is stopping, cut a retention pass short); True
+        if it swept."""
         try:
             if not self.store.take_lease(LEASE, self.holder, self.lease_ttl):
                 self._mark_healthy()  # the store answered: its heartbeats are current
                 return False
             self.sweep()
+            self.retain(stop)
         except SessionFlowError:
             self._healthy_since = None
             raise
         return True
+
+    def retain(self, stop: Callable[[], bool]) -> None:
+        """Every ``RETENTION_EVERY`` s: ended sessions past retention are deleted and
+        histories trimmed (whichever process holds the lease: a web process's watcher
+        keeps it as long as it lives)."""
+        if time.monotonic() - self._last_retention < RETENTION_EVERY:
+            return
+        self._last_retention = time.monotonic()
+        pruned = retention_prune(
+            self.store, self.config.retention, self.config.history_max_runs, stop=stop
+        )
+        if pruned.sessions:
+            logger.info("sessionflow: retention deleted %d ended sessions", pruned.sessions)
 
     def _mark_healthy(self) -> float:
         if self._healthy_since is None:

@@ -23,14 +23,12 @@ from typing import TYPE_CHECKING
 from ..enums import Reason, SessionStatus
 from ..errors import SessionFlowError
 from ..records import utcnow
-from ..retention import prune as retention_prune
 
 if TYPE_CHECKING:
     from ..flow import SessionFlow
     from .live import LiveSessions
 
 logger = logging.getLogger("sessionflow.worker")
-RETENTION_EVERY = 30.0  # seconds between retention passes of the sweeper
 
 
 class Ticker:
@@ -44,7 +42,6 @@ class Ticker:
         self._shutdown = threading.Event()
         self._shutdown_done = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_retention = 0.0
         self._quiet_until = 0.0
         self._adopting: set[str] = set()
         self._wake = threading.Event()
@@ -162,23 +159,7 @@ class Ticker:
             self.live.end(record.id)
 
     def sweep(self) -> None:
-        if not self.flow.sweeper.tick():
-            return
-        retention = self.flow.config.retention
-        if retention is None or time.monotonic() - self._last_retention < RETENTION_EVERY:
-            return
-        self._last_retention = time.monotonic()
-        self.prune(retention)
-
-    def prune(self, retention: float) -> None:
-        pruned = retention_prune(
-            self.flow.store,
-            retention,
-            self.flow.config.history_max_runs,
-            stop=self._stop.is_set,
-        )
-        if pruned.sessions:
-            logger.info("sessionflow: retention deleted %d ended sessions", pruned.sessions)
+        self.flow.sweeper.tick(stop=self._stop.is_set)  # retention too, when it is due
 
     # -- shutdown -------------------------------------------------------------------------
 

@@ -431,6 +431,45 @@ def test_a_prune_that_deleted_rows_reclaims_their_space_and_only_then() -> None:
     assert store.reclaims == 1
 
 
+def ended_session(store: MemoryStore, session_id: str, runs: int = 0) -> None:
+    store.create_pending(
+        NewSession(id=session_id, created_at=utcnow(), creation_timeout=5, execution_timeout=60)
+    )
+    store.admit(session_id, "w1@test", "q.w1")
+    now = utcnow()
+    store.record_runs(
+        [Run(f"t{i}", 0, session_id, "t", "SUCCESS", "w1@test", now, now) for i in range(runs)]
+    )
+    store.end_session(session_id, SessionStatus.CLOSED, "completed")
+    store.settle(session_id)
+
+
+@pytest.mark.parametrize("retention", [0.0, None])
+def test_whoever_holds_the_lease_applies_retention_a_client_watcher_too(
+    retention: float | None,
+) -> None:
+    """Retention ran only in a worker's ticker, while a client's watcher (a web process)
+    renews the lease every monitor_interval and so kept every worker from pruning:
+    nothing was ever deleted, and histories grew past history_max_runs."""
+    store = MemoryStore()
+    ended_session(store, "s-old", runs=5)
+    config = Config(
+        heartbeat_interval=1.0, monitor_interval=0.5, retention=retention, history_max_runs=2
+    )
+    client = Sweeper(
+        store, cast(Queues, FakeQueues()), cast(Resolver, FakeResolver()), config, print
+    )
+    assert client.tick() is True  # a client process's watcher: it holds the lease
+    if retention is None:
+        assert store.get_session("s-old") is not None  # kept, and its history bounded
+        assert len(store.history("s-old", None, 1000)) == 2
+    else:
+        assert store.get_session("s-old") is None
+    ended_session(store, "s-next")
+    assert client.tick() is True  # not due again for 30 s
+    assert store.get_session("s-next") is not None
+
+
 def test_a_moving_session_its_caller_completes_ends_with_its_parked_tasks(
     store: MemoryStore, clock: Clock, queues: FakeQueues, make_node: Callable[[str], Node]
 ) -> None:
