@@ -21,7 +21,6 @@ replace each member's signature with the group's.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -94,15 +93,13 @@ def check_options(options: Mapping[str, Any]) -> None:
     itself fails on them only while publishing, with TypeError or ValueError)."""
     for name in ("countdown", "time_limit", "soft_time_limit"):
         value = options.get(name)
-        if value is not None and not (limits._is_number(value) and math.isfinite(value)):
-            raise InvalidArgument(f"{name} must be a number of seconds, got {limits._shown(value)}")
+        if value is not None and not _seconds(value):
+            raise InvalidArgument(
+                f"{name} must be a number of seconds (at most 1e9), got {limits._shown(value)}"
+            )
     for name in ("eta", "expires"):
         value = options.get(name)
-        if (
-            value is None
-            or isinstance(value, datetime)
-            or (name == "expires" and limits._is_number(value) and math.isfinite(value))
-        ):
+        if value is None or isinstance(value, datetime) or (name == "expires" and _seconds(value)):
             continue
         try:
             datetime.fromisoformat(value)
@@ -117,6 +114,10 @@ def check_options(options: Mapping[str, Any]) -> None:
     headers = options.get("headers")
     if headers is not None and not isinstance(headers, Mapping):
         raise InvalidArgument(f"headers must be a mapping, got {type(headers).__name__}")
+
+
+def _seconds(value: Any) -> bool:
+    return limits.finite(value) and abs(value) <= 10**9
 
 
 def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from .flow import SessionFlow
 
 
+def creation_reply(session_id: str) -> str:
+    """The result-backend id under which a waiting creator hears that its request ended
+    (admitted, refused, or ended by ``complete()`` before any worker took it)."""
+    return f"sessionflow.created.{session_id}"
+
+
 class Creating(Admitting):
     """Creating sessions: a base of :class:`~sessionflow.flow.SessionFlow`, which
     provides what is declared here."""
@@ -190,7 +196,7 @@ class Creating(Admitting):
             self.placer.create(new)
             self.ensure_watching()
             return Session(self._flow(), new.id)
-        reply_id = f"sessionflow.created.{new.id}"
+        reply_id = creation_reply(new.id)
         self.request_admission(new.id, new.creation_timeout, queue, reply_id, new=new)
         admitted = self._await_admission(new.id, new.creation_timeout, reply_id)
         if not admitted and self.store.abandon_new(new, Reason.CREATION_TIMEOUT.value):
@@ -227,7 +233,7 @@ class Creating(Admitting):
             if not isinstance(on_open, Signature):
                 raise InvalidArgument("on_open must be a Celery signature, e.g. my_task.s()")
             on_open = dict(on_open)
-        reply_id = f"sessionflow.created.{new.id}"
+        reply_id = creation_reply(new.id)
 
         def ask() -> None:
             self.registrar.add_pending(new)

@@ -134,4 +134,9 @@ def ended_error(session_id: str, status: str | None, reason: str | None) -> Sess
             session_id,
             reason or "completed",
         )
+    if status == "pending":
+        return SessionStillPending(
+            f"session {session_id} is still waiting for a worker; send its tasks once "
+            "request.wait() has returned it (or use create_session, which waits)"
+        )
     return SessionNotFound(f"no session {session_id!r} in the store")

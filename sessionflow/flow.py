@@ -9,13 +9,14 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from celery.backends.base import DisabledBackend
 from kombu.entity import Queue
 
 from . import canvas, limits, options
 from .canvas import make_queue
 from .celery_ext.tracing import Middleware
 from .config import Config, load_config
-from .creation import Creating
+from .creation import Creating, creation_reply
 from .enums import SessionState, SessionStatus
 from .errors import InvalidArgument, SessionNotFound
 from .placer import Placer
@@ -247,6 +248,7 @@ class SessionFlow(Creating):
             else:
                 ended = self.store.abandon_pending(session_id, reason, status=status)
             if ended:
+                self._answer_creator(session_id, status)
                 return True
             record = self.store.get_session(session_id)  # a worker admitted it meanwhile
         if record is None or not self.store.end_session(session_id, status, reason):
@@ -260,6 +262,18 @@ class SessionFlow(Creating):
         if not self._tell_owner(owner, session_id):
             self._await_owner(owner, session_id, record.heartbeat_timeout)
         return True
+
+    def _answer_creator(self, session_id: str, status: SessionStatus) -> None:
+        """A ``request_session`` caller blocked in ``wait()`` (any process) hears of the
+        end at once instead of at its creation_timeout."""
+        if isinstance(self.app.backend, DisabledBackend):
+            return  # waiters poll the store
+        try:
+            self.app.backend.store_result(
+                creation_reply(session_id), {"ended": status.value}, "SUCCESS"
+            )
+        except Exception as exc:
+            logger.info("sessionflow: could not answer the creator of %s: %s", session_id, exc)
 
     def _tell_owner(self, owner: str, session_id: str) -> bool:
         try:

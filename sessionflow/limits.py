@@ -73,7 +73,7 @@ def seconds(name: str, value: Any, *, optional: bool = False, zero: bool = False
     if value is None and optional:
         return None
     low_ok = _is_number(value) and (value >= 0 if zero else value > 0)
-    if not _is_number(value) or not math.isfinite(value) or not low_ok or value > 10**9:
+    if not finite(value) or not low_ok or value > 10**9:
         kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
         raise InvalidArgument(f"{name} must be {kind} (at most 1e9), got {_shown(value)}")
     return float(value)
@@ -106,6 +106,12 @@ def json_document(name: str, value: Any, *, max_bytes: int) -> tuple[Any, int]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> bool:
+    """A number (not a bool) that is not inf or nan; ``math.isfinite`` raises
+    OverflowError for an int beyond a float's range (``10**400``), which is finite."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
 
 def _shown(value: Any) -> str:

@@ -9,7 +9,6 @@ A worker offers **capacities** (``--session-resources "gpu=2,browser=8"``;
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -236,13 +235,12 @@ def _condition(what: str, value: Any) -> Condition:
 
 
 def _scalar(what: str, value: Any, numeric: bool) -> Any:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if is_number and math.isfinite(value):
+    if limits.finite(value) and abs(value) <= 2**53:  # exact as a float, comparable
         return value
     if isinstance(value, str) and not numeric:
         limits.text(what, value, max_len=MAX_LABEL)
         return value
-    wanted = "a finite number" if numeric else "a string or a finite number"
+    wanted = "a finite number (at most 2**53)" if numeric else "a string or a finite number"
     raise InvalidArgument(f"{what} must be {wanted}, got {limits._shown(value)}")
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from .. import limits
 from ..config import DEFAULT_DATABASE_URL, Config, check_database_url, load_config
@@ -30,8 +30,11 @@ class StoreNotConfigured(ConfigurationError):
 
 
 def configured_url(app: Celery) -> str | None:
-    """``sessionflow_database_url`` if the app sets it."""
+    """``sessionflow_database_url`` if the app sets it (a string or a ``sqlalchemy.URL``,
+    as ``load_config`` takes it)."""
     url = app.conf.get("sessionflow_database_url")
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=False)
     return url if isinstance(url, str) and url else None
 
 

@@ -96,6 +96,7 @@ def test_failed_publish_gives_back_turns_tasks_and_groups(flow: SessionFlow) -> 
     [
         ({"countdown": "abc"}, "countdown"),
         ({"countdown": math.nan}, "countdown"),
+        ({"countdown": 10**400}, "countdown"),
         ({"expires": "tomorrow"}, "expires"),
         ({"eta": 5}, "eta"),
         ({"headers": "x"}, "headers"),

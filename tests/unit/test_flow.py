@@ -21,6 +21,7 @@ from sessionflow import (
     SessionFlow,
     SessionNotFound,
     SessionState,
+    SessionStillPending,
 )
 from sessionflow.canvas import QUEUE_HEADER, route_session_task
 from sessionflow.enums import SessionStatus
@@ -113,6 +114,10 @@ BAD_SESSION_OPTIONS: list[tuple[str, Any]] = [
     ("reducers", "append"),
     ("reducers", {"k": "no-such-reducer"}),
     ("reducers", {1: "append"}),
+    # beyond a float's range: math.isfinite raised OverflowError
+    ("creation_timeout", 10**400),
+    ("ttl", -(10**400)),
+    ("constraints", {"mem": [">=", 10**400]}),
 ]
 
 
@@ -399,6 +404,42 @@ def test_complete_ends_a_session_nobody_admitted_yet(flow: SessionFlow) -> None:
         ask.wait(timeout=1)
     flow.get_session(ask.id).complete()  # safe to call again
     assert flow.get_session(ask.id).info.state is SessionState.CLOSED
+
+
+def test_a_request_ended_before_any_worker_took_it_stops_its_wait_at_once(
+    tmp_path: Path,
+) -> None:
+    """wait() waits for the creation reply in the result backend: complete() of the
+    still-pending session sent none, so wait() blocked until creation_timeout."""
+    app = make_app(tmp_path, "replytest")
+    app.conf.result_backend = "cache+memory://"
+    flow = SessionFlow(app)
+    try:
+        ask = flow.request_session(creation_timeout=30, execution_timeout=600)
+        ended = threading.Timer(0.3, lambda: flow.get_session(ask.id).complete())
+        ended.start()
+        started = time.monotonic()
+        with pytest.raises(SessionClosed):
+            ask.wait()
+        assert time.monotonic() - started < 10
+        ended.join()
+    finally:
+        flow.close()
+        app.close()
+
+
+def test_sending_to_a_session_no_worker_took_yet_says_so(flow: SessionFlow) -> None:
+    """It raised SessionNotFound ("no session in the store") though get_session finds it."""
+    ask = flow.request_session(creation_timeout=30, execution_timeout=600)
+    flow.get_session(ask.id)
+
+    @flow.app.task(name="t.pending_add", shared=False)  # type: ignore[untyped-decorator]
+    def add() -> None:
+        return None
+
+    with pytest.raises(SessionStillPending, match="still waiting for a worker"):
+        ask.session.apply_async(add)
+    assert flow.registrar.pending() == 0 and flow.store.tasks(ask.id) == []
 
 
 def test_complete_of_a_session_admitted_meanwhile_ends_it_as_open(flow: SessionFlow) -> None:

@@ -16,6 +16,7 @@ from celery import Celery
 from celery.bin.base import CLIContext
 from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import URL
 from store_contract.helpers import NODE, QUEUE, opened, put, run, send, write
 
 from sessionflow import SessionFlow, signals
@@ -113,6 +114,21 @@ def test_store_config_never_picks_the_default_implicitly(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'x.db'}"
     assert store_config(None, url).database_url == url
     assert store_config(bare, url).database_url == url
+
+
+def test_a_url_object_setting_names_the_store_for_the_db_commands(tmp_path: Path) -> None:
+    """load_config takes a sqlalchemy.URL; the db commands said "the app sets none"."""
+    app = Celery("urlapp", broker="memory://", set_as_current=False)
+    app.conf.sessionflow_database_url = URL.create("sqlite", database=str(tmp_path / "u.db"))
+    app.conf.sessionflow_secret_key = "ops-unit-test-secret-0123456789abcdef"
+    SessionFlow(app)
+    try:
+        upgraded = cli(app, "db", "upgrade")
+        assert upgraded.exit_code == 0, upgraded.output
+        assert (tmp_path / "u.db").exists()
+    finally:
+        SessionFlow.of(app).close()  # type: ignore[union-attr]
+        app.close()
 
 
 def test_reading_commands_never_create_a_store(app: Celery, tmp_path: Path) -> None:
