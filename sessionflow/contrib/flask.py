@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 from celery import Celery
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import SessionTransaction, scoped_session
@@ -63,12 +63,15 @@ class SessionFlowExt:
 
     def __init__(self, app: Flask | None = None, celery: Celery | None = None) -> None:
         self.celery = celery
+        self.app = app  # the app given here (one app); init_app(app) serves any number
         if app is not None:
             self.init_app(app, celery)
 
     def init_app(self, app: Flask, celery: Celery | None = None) -> SessionFlow:
         """Configure ``celery`` (default: ``app.extensions["celery"]``, as in Flask's Celery
         guide) from ``app.config`` and add ``flask sessionflow``."""
+        if not isinstance(app, Flask):
+            raise ConfigurationError(f"init_app needs the Flask app, got {type(app).__name__}")
         celery = celery or self.celery or app.extensions.get("celery")
         if not isinstance(celery, Celery):
             raise ConfigurationError(
@@ -87,14 +90,24 @@ class SessionFlowExt:
 
     @property
     def flow(self) -> SessionFlow:
-        """The :class:`SessionFlow` of the current Flask app."""
+        """The :class:`SessionFlow` of the current Flask app, else (outside an app
+        context) of the app given to ``SessionFlowExt(app, celery)``."""
+        if self.app is not None and not has_app_context():
+            return get_flow(self.app)
         return get_flow()
 
 
 def get_flow(app: Flask | None = None) -> SessionFlow:
     """The :class:`SessionFlow` that ``SessionFlowExt`` attached to ``app`` (default: the
     current app)."""
-    app = app if app is not None else current_app
+    if app is None:
+        if not has_app_context():
+            raise ConfigurationError(
+                "get_flow() without an app needs a Flask app context; pass the app: get_flow(app)"
+            )
+        app = current_app
+    if not isinstance(app, Flask):
+        raise ConfigurationError(f"get_flow needs a Flask app, got {type(app).__name__}")
     flow = app.extensions.get(EXTENSION)
     if not isinstance(flow, SessionFlow):
         raise ConfigurationError(f"{app.name}: SessionFlowExt(app, celery) was not initialised")

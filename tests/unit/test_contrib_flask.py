@@ -1,16 +1,18 @@
-"""``sessionflow.contrib.flask.after_commit``: actions run after a commit, checked at the call."""
+"""``sessionflow.contrib.flask``: the extension's flow outside a request, after_commit."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from celery import Celery
+from flask import Flask
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from sessionflow import InvalidArgument
-from sessionflow.contrib.flask import after_commit
+from sessionflow import ConfigurationError, InvalidArgument, SessionFlow
+from sessionflow.contrib.flask import SessionFlowExt, after_commit, get_flow
 
 
 def test_actions_run_after_commit_never_after_rollback() -> None:
@@ -49,3 +51,27 @@ def test_bad_arguments_are_refused_at_the_call(session: Any, action: Any, named:
     assert ran == ["next"]
     db.close()
     engine.dispose()
+
+
+def test_the_flow_of_the_readme_sample_works_outside_a_request(tmp_path: Any) -> None:
+    """README: ``flow = sessionflow.flow`` right after ``SessionFlowExt(app, celery)``
+    raised "Working outside of application context"."""
+    app = Flask("flaskunit")
+    app.config["SESSIONFLOW_DATABASE_URL"] = f"sqlite:///{tmp_path / 'f.db'}"
+    app.config["SESSIONFLOW_SECRET_KEY"] = "flask-unit-test-secret-0123456789abcdef"
+    celery = Celery("flaskunit", broker="memory://", set_as_current=False)
+    ext = SessionFlowExt(app, celery)
+    try:
+        flow = ext.flow
+        assert isinstance(flow, SessionFlow) and flow is get_flow(app)
+        with app.app_context():
+            assert ext.flow is flow and get_flow() is flow
+        with pytest.raises(ConfigurationError, match="app context"):
+            get_flow()
+        with pytest.raises(ConfigurationError, match="Flask app"):
+            get_flow(object())  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="Flask app"):
+            SessionFlowExt().init_app(None, celery)  # type: ignore[arg-type]
+    finally:
+        flow.close()
+        celery.close()
