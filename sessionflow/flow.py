@@ -80,6 +80,8 @@ class SessionFlow(Creating):
     @classmethod
     def of(cls, app: Celery) -> SessionFlow | None:
         """The SessionFlow attached to ``app``, if any."""
+        if not isinstance(app, Celery):
+            raise InvalidArgument(f"SessionFlow.of needs a Celery app, got {type(app).__name__}")
         flow = app.__dict__.get(_APP_ATTR)
         return flow if isinstance(flow, cls) else None
 
@@ -176,6 +178,7 @@ class SessionFlow(Creating):
             raise InvalidArgument(
                 f"reducer name must be a non-empty string other than {options.BUILTIN_REDUCERS}"
             )
+        limits.text("reducer name", name, max_len=limits.MAX_SESSION_ID)
         if not callable(function):
             raise InvalidArgument(f"reducer {name!r} must be callable")
         self.reducers[name] = function

@@ -156,7 +156,14 @@ def apply_op(current: Any, op: Op, reducer: Reducer | None = None) -> Any:
                 f"cannot increment state key {key!r}: it holds {type(base).__name__}, not a number",
                 key,
             )
-        return base + arg
+        total = base + arg
+        if isinstance(total, float) and not math.isfinite(total):
+            raise StateValueError(
+                f"cannot increment state key {key!r} by {arg!r}: the sum {total} is not a "
+                "finite number; nothing was written",
+                key,
+            )
+        return total
     if kind == APPEND:
         base = [] if current is MISSING or current is None else current
         if not isinstance(base, list):

@@ -149,6 +149,14 @@ def test_on_commit_without_django_settings_is_a_configuration_error(flow: Sessio
         flow.request_session(creation_timeout=5, execution_timeout=5, on_commit=True)
 
 
+def test_django_setup_of_a_non_app_is_a_configuration_error() -> None:
+    """setup("proj.celery:app") raised AttributeError (the path belongs in settings)."""
+    from sessionflow.contrib.django.conf import setup
+
+    with pytest.raises(ConfigurationError, match="CELERY_APP"):
+        setup("proj.celery:app")  # type: ignore[arg-type]
+
+
 def test_arguments_that_cannot_be_serialised_are_invalid_and_nothing_is_counted(
     flow: SessionFlow,
 ) -> None:

@@ -198,7 +198,16 @@ def test_get_session_finds_pending_sessions(flow: SessionFlow) -> None:
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
     ("name", "function"),
-    [("", max), (None, max), (5, max), ("append", max), ("sum", max), ("mine", "max")],
+    [
+        ("", max),
+        (None, max),
+        (5, max),
+        ("append", max),
+        ("sum", max),
+        ("mine", "max"),
+        ("r" * 65, max),  # stored with each session that names it
+        ("a\x00b", max),
+    ],
 )
 def test_register_reducer_rejects(flow: SessionFlow, name: Any, function: Any) -> None:
     with pytest.raises(InvalidArgument):
@@ -230,6 +239,12 @@ def session_route(app: Celery, queue: str = "sfq.worker.w1") -> Any:
 
 def max_session_options(app: Celery) -> int:
     return sum("--max-sessions" in option.opts for option in app.user_options["worker"])
+
+
+@pytest.mark.parametrize("app", [None, "proj.celery:app", object()])
+def test_of_a_non_app_is_invalid(app: Any) -> None:
+    with pytest.raises(InvalidArgument, match="Celery app"):
+        SessionFlow.of(app)
 
 
 def test_not_an_app() -> None:

@@ -231,6 +231,15 @@ def test_a_number_comes_back_exactly_as_written(flow: SessionFlow, s: Session, v
         assert repr(got) == repr(value)  # -0.0 too
 
 
+@pytest.mark.parametrize("key", ["f", "temp:f"])
+def test_an_increment_to_infinity_is_refused(s: Session, key: str) -> None:
+    """1e308 + 1e308 was stored as inf (temp keys), which to_dict() then returned."""
+    s.state.increment(key, 1e308)
+    with pytest.raises(StateValueError, match="finite"):
+        s.state.increment(key, 1e308)
+    assert s.state.get(key) == 1e308
+
+
 def test_an_increment_past_64_bits_stays_an_exact_int(s: Session) -> None:
     s.state["c"] = 2**62
     assert s.state.increment("c", 2**62) == 2**63

@@ -267,6 +267,11 @@ def setup(app: Celery | None = None) -> SessionFlow:
     once it exists) as long as nothing has used the store yet.
     """
     global _project_app
+    if app is not None and not isinstance(app, Celery):
+        raise ConfigurationError(
+            f"setup() takes the Celery app object (from proj/celery.py), got "
+            f"{type(app).__name__}; or call setup() to use SESSIONFLOW['CELERY_APP']"
+        )
     values = user_settings()
     app = app if app is not None else celery_app(values)
     app.conf.update(celery_settings(values))
