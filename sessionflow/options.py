@@ -10,6 +10,7 @@ from . import limits, resources
 from .config import Config
 from .errors import InvalidArgument
 from .records import NewSession, utcnow
+from .state import TEMP, scope_of
 
 MERGE_POLICIES = ("last_write_wins", "raise")
 BUILTIN_REDUCERS = ("append", "sum", "max", "min", "union", "merge")
@@ -104,6 +105,14 @@ def check_reducers(
         raise InvalidArgument("reducers must be a dict of state key -> reducer name")
     for key, name in reducers.items():
         limits.text("a reducers key", key)
+        try:
+            temp = scope_of(key) == TEMP
+        except InvalidArgument as exc:  # a key that can never be used, e.g. "temp:"
+            raise InvalidArgument(f"reducers key {key!r}: {exc}") from None
+        if temp:
+            raise InvalidArgument(
+                f"reducers key {key!r}: temp: keys live for one task and are never merged"
+            )
         if not isinstance(name, str) or (name not in BUILTIN_REDUCERS and name not in registered):
             raise InvalidArgument(
                 f"unknown reducer {limits._shown(name)} for key {key!r}: use one of "

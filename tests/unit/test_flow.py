@@ -114,6 +114,8 @@ BAD_SESSION_OPTIONS: list[tuple[str, Any]] = [
     ("reducers", "append"),
     ("reducers", {"k": "no-such-reducer"}),
     ("reducers", {1: "append"}),
+    ("reducers", {"temp:": "append"}),  # not a usable key
+    ("reducers", {"temp:x": "append"}),  # never merged
     # beyond a float's range: math.isfinite raised OverflowError
     ("creation_timeout", 10**400),
     ("ttl", -(10**400)),
