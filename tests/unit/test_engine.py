@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -155,6 +157,32 @@ def test_django_setup_of_a_non_app_is_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError, match="CELERY_APP"):
         setup("proj.celery:app")  # type: ignore[arg-type]
+
+
+def test_django_setup_refuses_a_bad_setting_at_once(tmp_path: Path) -> None:
+    """A wrong SESSIONFLOW value failed only at the first use of the flow (a request),
+    where Flask's extension refuses it at init. Its own process: Django's settings are
+    global, and this process never configures them."""
+    script = f"""
+import django
+from django.conf import settings
+settings.configure(SESSIONFLOW={{"DATABASE_URL": "sqlite:///{tmp_path}/d.db",
+                                 "MAX_CONCURRENT_SESSIONS": 0}})
+django.setup()
+from celery import Celery
+from sessionflow.contrib.django.conf import setup
+from sessionflow import ConfigurationError
+try:
+    setup(Celery("djunit", broker="memory://", set_as_current=False))
+except ConfigurationError as exc:
+    print("refused:", exc)
+else:
+    print("accepted")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.startswith("refused:") and "MAX_CONCURRENT_SESSIONS" in out, out
 
 
 def test_arguments_that_cannot_be_serialised_are_invalid_and_nothing_is_counted(

@@ -275,6 +275,7 @@ def setup(app: Celery | None = None) -> SessionFlow:
     values = user_settings()
     app = app if app is not None else celery_app(values)
     app.conf.update(celery_settings(values))
+    relabel(lambda: load_config(app.conf, getattr(app, "namespace", None)))  # fail at start
     app.__dict__[_APPLIED] = True
     _project_app = app
     return SessionFlow(app)
