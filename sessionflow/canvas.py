@@ -124,6 +124,11 @@ def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]
     """Turn a task or signature plus call arguments into a fresh signature."""
     check_call(args, kwargs, options)
     check_sendable(obj)
+    return signature_of(obj, args, kwargs, options)
+
+
+def signature_of(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:
+    """:func:`build_signature` for what :func:`check_send` has checked already."""
     if isinstance(obj, Signature):
         return obj.clone(tuple(args), dict(kwargs or {}), **options)
     sig: Signature = obj.signature(tuple(args), dict(kwargs or {}), **options)

@@ -156,7 +156,7 @@ class Session:
             quick = self._send_task_quickly(obj, args, kwargs, options)
             if quick is not None:
                 return quick
-        sig = canvas.build_signature(obj, args, kwargs, options)
+        sig = canvas.signature_of(obj, args, kwargs, options)  # checked by check_send
         sig.freeze()
         tasks = tuple((leaf.id, leaf.task) for leaf in canvas.leaves(sig))
         for task_id, name in tasks:
