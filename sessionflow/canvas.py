@@ -95,7 +95,7 @@ def check_options(options: Mapping[str, Any]) -> None:
         value = options.get(name)
         if value is not None and not _seconds(value):
             raise InvalidArgument(
-                f"{name} must be a number of seconds (at most 1e9), got {limits._shown(value)}"
+                f"{name} must be a number of seconds (at most 1e9), got {limits.shown(value)}"
             )
     for name in ("eta", "expires"):
         value = options.get(name)
@@ -105,19 +105,19 @@ def check_options(options: Mapping[str, Any]) -> None:
             datetime.fromisoformat(value)
         except (TypeError, ValueError):
             kinds = "a datetime, an ISO 8601 string" + (" or seconds" if name == "expires" else "")
-            raise InvalidArgument(f"{name} must be {kinds}, got {limits._shown(value)}") from None
+            raise InvalidArgument(f"{name} must be {kinds}, got {limits.shown(value)}") from None
     priority = options.get("priority")
     if priority is not None and not (
         isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
     ):
-        raise InvalidArgument(f"priority must be an integer 0-255, got {limits._shown(priority)}")
+        raise InvalidArgument(f"priority must be an integer 0-255, got {limits.shown(priority)}")
     headers = options.get("headers")
     if headers is not None and not isinstance(headers, Mapping):
         raise InvalidArgument(f"headers must be a mapping, got {type(headers).__name__}")
 
 
 def _seconds(value: Any) -> bool:
-    return limits.finite(value) and abs(value) <= 10**9
+    return limits.finite(value) and abs(value) <= limits.MAX_SECONDS
 
 
 def build_signature(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> Signature:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -13,7 +12,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import resources
+from . import limits, resources
 from .errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///sessionflow.db"
@@ -220,10 +219,10 @@ def load_config(conf: Any, namespace: str | None = None) -> Config:
 
 
 def _check(config: Config, label: Callable[[str], str] = lambda n: f"sessionflow_{n}") -> None:
-    if config.max_concurrent_sessions < 1:
+    if not 1 <= config.max_concurrent_sessions <= limits.MAX_INT:
         raise ConfigurationError(
-            f"{label('max_concurrent_sessions')} must be at least 1, "
-            f"got {config.max_concurrent_sessions}"
+            f"{label('max_concurrent_sessions')} must be at least 1 and at most "
+            f"{limits.MAX_INT}, got {limits.shown(config.max_concurrent_sessions)}"
         )
     for name in (
         "heartbeat_interval",
@@ -235,19 +234,24 @@ def _check(config: Config, label: Callable[[str], str] = lambda n: f"sessionflow
         "flush_interval",
     ):
         value = getattr(config, name)
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigurationError(f"{label(name)} = {value!r}: use a positive, finite number")
+        most = limits.MAX_INT if isinstance(getattr(Config, name), int) else limits.MAX_SECONDS
+        if not limits.finite(value) or not 0 < value <= most:
+            raise ConfigurationError(
+                f"{label(name)} = {limits.shown(value)}: use a positive, finite number "
+                f"(at most {most})"
+            )
     if config.flush_interval > 60:
         raise ConfigurationError(
             f"{label('flush_interval')} = {config.flush_interval!r}: at most 60 s "
             "(it is how much task history a killed worker can lose)"
         )
-    if config.retention is not None and (
-        not math.isfinite(config.retention) or config.retention < 0
+    retention = config.retention
+    if retention is not None and (
+        not limits.finite(retention) or not 0 <= retention <= limits.MAX_SECONDS
     ):
         raise ConfigurationError(
-            f"{label('retention')} = {config.retention!r}: use seconds >= 0, "
-            "or None to keep ended sessions for ever"
+            f"{label('retention')} = {limits.shown(retention)}: use seconds >= 0 (at most "
+            f"{limits.MAX_SECONDS}), or None to keep ended sessions for ever"
         )
     if not _QUEUE_PREFIX_RE.match(config.queue_prefix):
         raise ConfigurationError(

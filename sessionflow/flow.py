@@ -218,7 +218,7 @@ class SessionFlow(Creating):
                 raise InvalidArgument(
                     f"state must be one of {[s.value for s in _LISTED]} (sessions a worker "
                     "admitted; find a requested one with get_session(id)), got "
-                    f"{limits._shown(state)}"
+                    f"{limits.shown(state)}"
                 )
         limits.text("user_id", user_id, optional=True)
         limits.text("hostname", hostname, optional=True)

@@ -19,6 +19,7 @@ MAX_ID = 255  # user_id, agent_id, node names, task ids, state keys: the columns
 MAX_SESSION_ID = 64
 MAX_REASON = 64  # sf_sessions.reason
 MAX_INT = 2**31 - 1  # limits, counts and turns fit a 32-bit INTEGER column everywhere
+MAX_SECONDS = 10**9  # ~31 years: within what timers, timedelta and SQL timestamps take
 
 
 def text(name: str, value: Any, *, max_len: int = MAX_ID, optional: bool = False) -> str | None:
@@ -27,7 +28,7 @@ def text(name: str, value: Any, *, max_len: int = MAX_ID, optional: bool = False
         return None
     if not isinstance(value, str) or not value:
         wanted = "a non-empty string or None" if optional else "a non-empty string"
-        raise InvalidArgument(f"{name} must be {wanted}, got {_shown(value)}")
+        raise InvalidArgument(f"{name} must be {wanted}, got {shown(value)}")
     if len(value) > max_len:
         raise InvalidArgument(
             f"{name} is {len(value)} characters long; at most {max_len} are allowed"
@@ -51,8 +52,7 @@ def ending_status(status: Any) -> SessionStatus:
         ended = None
     if ended not in (SessionStatus.CLOSED, SessionStatus.FAILED):
         raise InvalidArgument(
-            f"a session ends closed or failed (SessionStatus.CLOSED or FAILED), "
-            f"not {_shown(status)}"
+            f"a session ends closed or failed (SessionStatus.CLOSED or FAILED), not {shown(status)}"
         )
     return ended
 
@@ -63,7 +63,7 @@ def whole(name: str, value: Any, *, minimum: int, optional: bool = False) -> int
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
         raise InvalidArgument(
-            f"{name} must be a whole number from {minimum} to {MAX_INT}, got {_shown(value)}"
+            f"{name} must be a whole number from {minimum} to {MAX_INT}, got {shown(value)}"
         )
     return value
 
@@ -73,9 +73,9 @@ def seconds(name: str, value: Any, *, optional: bool = False, zero: bool = False
     if value is None and optional:
         return None
     low_ok = _is_number(value) and (value >= 0 if zero else value > 0)
-    if not finite(value) or not low_ok or value > 10**9:
+    if not finite(value) or not low_ok or value > MAX_SECONDS:
         kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
-        raise InvalidArgument(f"{name} must be {kind} (at most 1e9), got {_shown(value)}")
+        raise InvalidArgument(f"{name} must be {kind} (at most 1e9), got {shown(value)}")
     return float(value)
 
 
@@ -114,7 +114,7 @@ def finite(value: Any) -> bool:
     return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A short, safe rendering of a bad value for an error message."""
     try:
         shown = repr(value)

@@ -61,9 +61,9 @@ def new_session(
     if not isinstance(survive_restart, bool):
         raise InvalidArgument(f"survive_restart must be True or False, got {survive_restart!r}")
     if affinity not in AFFINITIES:
-        raise InvalidArgument(f"affinity must be 'hard' or 'soft', got {limits._shown(affinity)}")
+        raise InvalidArgument(f"affinity must be 'hard' or 'soft', got {limits.shown(affinity)}")
     if merge not in MERGE_POLICIES:
-        raise InvalidArgument(f"merge must be one of {MERGE_POLICIES}, got {limits._shown(merge)}")
+        raise InvalidArgument(f"merge must be one of {MERGE_POLICIES}, got {limits.shown(merge)}")
     meta = None
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -115,7 +115,7 @@ def check_reducers(
             )
         if not isinstance(name, str) or (name not in BUILTIN_REDUCERS and name not in registered):
             raise InvalidArgument(
-                f"unknown reducer {limits._shown(name)} for key {key!r}: use one of "
+                f"unknown reducer {limits.shown(name)} for key {key!r}: use one of "
                 f"{BUILTIN_REDUCERS} or register it with flow.register_reducer(name, function) "
                 "in every process"
             )

@@ -146,7 +146,7 @@ def requires(value: Any) -> dict[str, int] | None:
         return None
     if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
         raise InvalidArgument(
-            f"requires must be a dict of resource name -> amount, got {limits._shown(value)}"
+            f"requires must be a dict of resource name -> amount, got {limits.shown(value)}"
         )
     for name, amount in value.items():
         _check_name("requires", name)
@@ -165,7 +165,7 @@ def constraints(value: Any, what: str = "constraints") -> dict[str, Condition] |
         return None
     if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
         raise InvalidArgument(
-            f"{what} must be a dict of label -> value or (op, operand), got {limits._shown(value)}"
+            f"{what} must be a dict of label -> value or (op, operand), got {limits.shown(value)}"
         )
     out = {}
     for name, condition in value.items():
@@ -188,7 +188,7 @@ def prefer(value: Any) -> list[list[Any]] | None:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_ENTRIES:
         raise InvalidArgument(
             "prefer must be a dict of label -> condition, or a list of (weight, {label: "
-            f"condition}}) pairs, got {limits._shown(value)}"
+            f"condition}}) pairs, got {limits.shown(value)}"
         )
     out: list[list[Any]] = []
     for index, entry in enumerate(value):
@@ -209,13 +209,13 @@ def prefer(value: Any) -> list[list[Any]] | None:
 def placement(value: Any) -> str | None:
     if value is None or value in PLACEMENTS:
         return value  # type: ignore[no-any-return]
-    raise InvalidArgument(f"placement must be 'spread' or 'pack', got {limits._shown(value)}")
+    raise InvalidArgument(f"placement must be 'spread' or 'pack', got {limits.shown(value)}")
 
 
 def _check_name(what: str, name: Any) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidArgument(
-            f"{what}: {limits._shown(name)} is not a valid name (a letter or '_', then letters, "
+            f"{what}: {limits.shown(name)} is not a valid name (a letter or '_', then letters, "
             "digits, '_', '.', '-' or '/'; at most 63 characters)"
         )
 
@@ -241,7 +241,7 @@ def _scalar(what: str, value: Any, numeric: bool) -> Any:
         limits.text(what, value, max_len=MAX_LABEL)
         return value
     wanted = "a finite number (at most 2**53)" if numeric else "a string or a finite number"
-    raise InvalidArgument(f"{what} must be {wanted}, got {limits._shown(value)}")
+    raise InvalidArgument(f"{what} must be {wanted}, got {limits.shown(value)}")
 
 
 def spec_text(values: Mapping[str, Any]) -> str:

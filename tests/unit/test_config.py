@@ -324,3 +324,24 @@ def test_sqlalchemy_url_objects_and_engine_options() -> None:
     assert "hunter2" not in repr(config) and "pool_size" not in repr(config)
     with pytest.raises(ConfigurationError, match="engine_options"):
         load_config(conf(engine_options={1: 2}))
+
+
+@pytest.mark.parametrize("key", [*NUMERIC, "retention"])
+@pytest.mark.parametrize("value", [10**400, 2**63, 1e300])
+def test_huge_numbers_rejected_naming_the_key(key: str, value: Any) -> None:
+    # 10**400 made math.isfinite raise OverflowError; 1e300 seconds or 2**63 sessions
+    # were accepted and failed later (a timer, a timedelta, an SQL integer column).
+    default = next(f.default for f in fields(Config) if f.name == key)
+    if isinstance(default, int) and isinstance(value, float):
+        value = int(value)
+    with pytest.raises(ConfigurationError, match=f"sessionflow_{key}.*at most") as info:
+        load_config(conf(**{key: value}))
+    assert len(str(info.value)) < 300  # a 400-digit number is not printed whole
+
+
+def test_largest_numbers_still_accepted() -> None:
+    config = load_config(
+        conf(max_concurrent_sessions=2**31 - 1, history_max_runs=2**31 - 1, retention=10**9)
+    )
+    assert config.max_concurrent_sessions == 2**31 - 1
+    assert config.retention == 10**9
