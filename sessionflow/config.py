@@ -219,10 +219,10 @@ def load_config(conf: Any, namespace: str | None = None) -> Config:
 
 
 def _check(config: Config, label: Callable[[str], str] = lambda n: f"sessionflow_{n}") -> None:
-    if not 1 <= config.max_concurrent_sessions <= limits.MAX_INT:
+    if not 1 <= config.max_concurrent_sessions <= limits.MAX_CAP:
         raise ConfigurationError(
             f"{label('max_concurrent_sessions')} must be at least 1 and at most "
-            f"{limits.MAX_INT}, got {limits.shown(config.max_concurrent_sessions)}"
+            f"{limits.MAX_CAP}, got {limits.shown(config.max_concurrent_sessions)}"
         )
     for name in (
         "heartbeat_interval",

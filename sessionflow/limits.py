@@ -19,6 +19,7 @@ MAX_ID = 255  # user_id, agent_id, node names, task ids, state keys: the columns
 MAX_SESSION_ID = 64
 MAX_REASON = 64  # sf_sessions.reason
 MAX_INT = 2**31 - 1  # limits, counts and turns fit a 32-bit INTEGER column everywhere
+MAX_CAP = 1_000_000  # sessions one worker may have open at once
 MAX_SECONDS = 10**9  # ~31 years: within what timers, timedelta and SQL timestamps take
 
 
