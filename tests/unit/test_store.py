@@ -229,6 +229,41 @@ def test_sqlite_state_numbers_written_before_0006_come_back_at_full_precision(
         store.dispose()
 
 
+@pytest.mark.parametrize("how", ["upgrade", "first use"])
+def test_upgrading_sqlite_from_0001_keeps_the_task_rows(tmp_path: Path, how: str) -> None:
+    # 0002 rebuilds sf_sessions (Alembic's batch mode: copy, DROP, rename); with the
+    # store's foreign keys on, the DROP cascaded and emptied sf_session_tasks.
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        migrate.upgrade(conn, "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO sf_sessions (id, status, creation_timeout, execution_timeout, turns,"
+            " created_at) VALUES ('s1', 'open', 1, 10, 1, '2026-12-07 00:00:00.000000')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO sf_session_tasks (task_id, session_id, name, state, dispatched_at)"
+            " VALUES ('t1', 's1', 'x', 'success', '2026-12-07 00:00:00.000000')"
+        )
+    engine.dispose()
+    store = SQLStore(Config(database_url=url))
+    try:
+        if how == "upgrade":
+            assert store.upgrade() == migrate.head_revision()
+        else:
+            assert store.get_session("s1") is not None  # migrates itself first
+        assert [t.task_id for t in store.tasks("s1")] == ["t1"]
+    finally:
+        store.dispose()
+    store = SQLStore(Config(database_url=url))
+    try:  # foreign keys are on again for the store's own work: deleting cascades
+        store.get_session("s1")
+        with store.engines.get()[0].begin() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.dispose()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_models_describe_what_the_migrations_build(
     backend: str, request: pytest.FixtureRequest, sqlite_template: Path

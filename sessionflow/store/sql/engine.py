@@ -82,7 +82,7 @@ class Engines:
     def _prepare(self, engine: Engine) -> None:
         head = migrate.head_revision()
         try:
-            with engine.begin() as conn:
+            with _migrating(engine) as conn:
                 current = migrate.current_revision(conn)
                 if current == head:
                     return
@@ -103,7 +103,7 @@ class Engines:
         """Apply pending migrations with engines of their own; returns the revision."""
         write, read = self.create()
         try:
-            with write.begin() as conn:
+            with _migrating(write) as conn:
                 migrate.upgrade(conn)
                 revision = migrate.current_revision(conn)
         except DBAPIError as exc:
@@ -250,6 +250,25 @@ def use_wal(cursor: Any, timeout: float = BUSY_TIMEOUT) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
+
+
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A transaction to check or migrate the schema in. On SQLite foreign keys are off
+    meanwhile (the pragma is a no-op inside a transaction, so it is set before): Alembic
+    rebuilds a table by copy, DROP and rename, and the DROP of a parent table cascades
+    to its children's rows (0002 rebuilds ``sf_sessions``, which emptied
+    ``sf_session_tasks``)."""
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys = ON")
 
 
 def _sqlite_engine(url: str, options: dict[str, Any], *, immediate: bool) -> Engine:
