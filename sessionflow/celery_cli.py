@@ -18,7 +18,7 @@ import click
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from . import ops
+from . import limits, ops
 from .cli_render import (
     duration,
     render_db,
@@ -94,6 +94,13 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return ops.parse_duration(value)
     except SessionFlowError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return limits.seconds("seconds", float(value)) or 0.0
+    except (ValueError, OverflowError, SessionFlowError):
+        raise click.BadParameter(f"use a positive number of seconds, got {value!r}") from None
 
 
 def _emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
@@ -203,8 +210,8 @@ def fail_cmd(ctx: click.Context, session_ids: tuple[str, ...], reason: str, as_j
 @click.option(
     "-t",
     "--timeout",
-    type=float,
-    default=1.0,
+    callback=_seconds,
+    default="1",
     show_default=True,
     help="Seconds to wait for the workers' inspect answers.",
 )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from .. import limits
 from ..enums import WorkerStatus
-from ..errors import InvalidArgument
 from ..records import WorkerRecord
 from .values import iso
 
@@ -42,8 +41,7 @@ def workers(
     flow: SessionFlow, *, timeout: float = 1.0, names: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Every worker the store knows (or ``names``), its row next to its live answer."""
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+    timeout = limits.seconds("timeout", timeout) or 0.0
     rows = {w.nodename: w for w in flow.store.workers() if not names or w.nodename in names}
     answers = ask_workers(flow.app, timeout=timeout, destination=names)
     interval = flow.config.heartbeat_interval

@@ -37,6 +37,7 @@ from sessionflow.ops import (
     prune,
     show_session,
     store_config,
+    workers,
 )
 from sessionflow.records import utcnow
 from sessionflow.runtime import TaskRun, set_current_run
@@ -500,3 +501,17 @@ def test_banner_section_and_extend_banner() -> None:
     plain = SimpleNamespace()
     extend_banner(plain, lambda: [])  # an embedded test worker has no banner
     assert not hasattr(plain, "startup_info")
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e400", "soon"])
+def test_workers_bad_timeout_is_a_usage_error(app: Celery, timeout: str) -> None:
+    # 0 and nan gave exit 1 (an error of the command), unlike every other bad option.
+    SessionFlow(app).store.upgrade()
+    result = cli(app, "workers", "--timeout", timeout)
+    assert result.exit_code == 2, result.output
+    assert "--timeout" in result.stderr and "Traceback" not in result.output
+
+
+def test_ops_workers_refuses_a_huge_timeout(flow: SessionFlow) -> None:
+    with pytest.raises(InvalidArgument, match="timeout"):
+        workers(flow, timeout=10**400)  # math.isfinite raised OverflowError
