@@ -229,6 +229,29 @@ def test_sqlite_state_numbers_written_before_0006_come_back_at_full_precision(
         store.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_store_migrated_by_a_newer_sessionflow_says_so(
+    backend: str, tmp_path: Path, make_pg_url: Callable[[], str]
+) -> None:
+    # An unknown revision went to Alembic: CommandError "Can't locate revision" from
+    # every call on SQLite, and on PostgreSQL advice to run `db upgrade`, which crashed.
+    url = f"sqlite:///{tmp_path / 'new.db'}" if backend == "sqlite" else make_pg_url()
+    SQLStore(Config(database_url=url)).upgrade()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sf_alembic_version SET version_num = '9999'")
+    engine.dispose()
+    store = SQLStore(Config(database_url=url))
+    try:
+        for call in (lambda: store.get_session("x"), store.upgrade):
+            with pytest.raises(StoreError, match="newer sessionflow") as info:
+                call()
+            assert "'9999'" in str(info.value) and "upgrade sessionflow" in str(info.value)
+        assert store.revision() == "9999"
+    finally:
+        store.dispose()
+
+
 @pytest.mark.parametrize("how", ["upgrade", "first use"])
 def test_upgrading_sqlite_from_0001_keeps_the_task_rows(tmp_path: Path, how: str) -> None:
     # 0002 rebuilds sf_sessions (Alembic's batch mode: copy, DROP, rename); with the

@@ -86,6 +86,7 @@ class Engines:
                 current = migrate.current_revision(conn)
                 if current == head:
                     return
+                self._check_known(current)
                 if self.config.is_sqlite and self.config.auto_migrate:
                     migrate.upgrade(conn)
                     return
@@ -104,6 +105,7 @@ class Engines:
         write, read = self.create()
         try:
             with _migrating(write) as conn:
+                self._check_known(migrate.current_revision(conn))
                 migrate.upgrade(conn)
                 revision = migrate.current_revision(conn)
         except DBAPIError as exc:
@@ -116,6 +118,15 @@ class Engines:
                 engine.dispose()
         assert revision is not None
         return revision
+
+    def _check_known(self, revision: str | None) -> None:
+        if not migrate.is_known(revision):
+            raise StoreError(
+                f"the session store at {self.config.masked_url} is at schema revision "
+                f"{revision!r}, which this sessionflow does not know (it knows up to "
+                f"{migrate.head_revision()!r}): a newer sessionflow migrated it; upgrade "
+                "sessionflow in this process's environment"
+            )
 
     def revision(self) -> str | None:
         write, read = self.create()

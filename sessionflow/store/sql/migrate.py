@@ -37,6 +37,19 @@ def head_revision() -> str:
     return head
 
 
+def is_known(revision: str | None) -> bool:
+    """Whether the packaged scripts know ``revision`` (``None``: an empty database)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if revision is None:
+        return True
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def current_revision(connection: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
