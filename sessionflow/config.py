@@ -27,7 +27,8 @@ _UNSET = object()
 class Config:
     """Validated sessionflow settings of one Celery app.
 
-    Its repr masks the database password and leaves the secret key out.
+    Its repr masks the database password and leaves the secret key out; it is never
+    pickled (``__reduce__`` raises TypeError).
     """
 
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
@@ -57,6 +58,13 @@ class Config:
         parts.append(f"engine_options=<{len(self.engine_options)} keys>")
         parts.append(f"secret_key={'<set>' if self.secret_key else None}")
         return f"Config({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(
+            "a sessionflow Config holds the secret key and the database password and is "
+            "never pickled or copied: read it from app.conf in the other process "
+            "(SessionFlow(app).config)"
+        )
 
     @property
     def masked_url(self) -> str:

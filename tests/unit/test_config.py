@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import pickle
 import re
 from dataclasses import Field, fields
 from typing import Any
@@ -345,3 +347,14 @@ def test_largest_numbers_still_accepted() -> None:
     )
     assert config.max_concurrent_sessions == 10**6  # as `celery control sessions_cap` allows
     assert config.retention == 10**9
+
+
+def test_config_is_never_pickled_with_its_secrets() -> None:
+    # pickle.dumps(flow.config) carried the secret key and the unmasked password.
+    key = "s3cret-key-for-the-pickle-test-0123456789"
+    config = load_config(conf(secret_key=key, database_url="postgresql+psycopg://app:hunter2@db/x"))
+    for dump in (pickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(TypeError, match=r"app\.conf") as info:
+            dump(config)
+        assert key not in str(info.value) and "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(config) and key not in repr(config)
