@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 from celery.backends.base import DisabledBackend
+from celery.backends.rpc import RPCBackend
 from kombu.entity import Queue
 
 from . import canvas, limits, options
@@ -18,7 +19,7 @@ from .celery_ext.tracing import Middleware
 from .config import Config, load_config
 from .creation import Creating, creation_reply
 from .enums import SessionState, SessionStatus
-from .errors import InvalidArgument, SessionNotFound
+from .errors import ConfigurationError, InvalidArgument, SessionNotFound
 from .placer import Placer
 from .queues import Queues
 from .records import SessionRecord
@@ -110,8 +111,17 @@ class SessionFlow(Creating):
 
     @cached_property
     def config(self) -> Config:
-        """The validated ``sessionflow_*`` settings, read once."""
-        return load_config(self.app.conf, getattr(self.app, "namespace", None))
+        """The validated ``sessionflow_*`` settings, read once (with the result backend)."""
+        config = load_config(self.app.conf, getattr(self.app, "namespace", None))
+        if isinstance(self.app.backend, RPCBackend):
+            raise ConfigurationError(
+                "sessionflow cannot use Celery's rpc:// result backend: it answers only the "
+                "caller of a task a worker runs, so the callers of tasks lost with a dead "
+                "worker (or closed before they ran) would wait for ever. Use a backend that "
+                "stores results by task id (redis://, db+postgresql://..., a cache, file://), "
+                "or result_backend = None if no caller reads results"
+            )
+        return config
 
     @cached_property
     def store(self) -> SessionStore:

@@ -15,6 +15,7 @@ from celery import Celery
 from sqlalchemy import create_engine, func, inspect, select, table
 
 from sessionflow import (
+    ConfigurationError,
     InvalidArgument,
     InvalidRecreateToken,
     SessionClosed,
@@ -490,3 +491,26 @@ def test_complete_ends_a_session_that_is_moving_to_another_worker(flow: SessionF
     info = flow.get_session(ask.id).info
     assert (info.state, info.reason) == (SessionState.CLOSED, "completed")
     assert flow.store.admit(ask.id, "new@host", "q-new") is None
+
+
+@pytest.mark.parametrize("backend", ["rpc://", "rpc"])
+def test_the_rpc_result_backend_is_refused_with_what_to_use(app: Celery, backend: str) -> None:
+    # rpc:// can answer only the caller of a task the worker runs: results for tasks lost
+    # with a dead worker failed to store ("RPC backend missing task request") and their
+    # callers' .get() hung; every creation waited its whole creation_timeout.
+    app.conf.result_backend = backend
+    flow = SessionFlow(app)
+    for call in (
+        lambda: flow.config,
+        lambda: flow.create_session(**VALID),
+        lambda: flow.request_session(**VALID),
+    ):
+        with pytest.raises(ConfigurationError, match="rpc") as info:
+            call()
+        assert "redis://" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", [None, "cache+memory://"])
+def test_backends_that_store_by_task_id_are_taken(app: Celery, backend: str | None) -> None:
+    app.conf.result_backend = backend
+    assert SessionFlow(app).config.max_concurrent_sessions == 1000
