@@ -11,11 +11,13 @@
 Every stored key is one row ``(scope, scope_id, key)`` with an integer version
 that grows on every change, deletes included (a deleted key keeps a tombstone,
 so a version is never reused). Each write commits before the call returns.
-``get`` remembers the version it read; a later ``set``/``delete`` of that key is a
-compare-and-set against it and raises :class:`StateConflict` if someone changed
-the key in between (the key is then forgotten: ``get`` it again and retry). A key
-never read is written blindly. ``increment`` and ``append`` are atomic
-read-modify-writes under the row lock, so concurrent callers never lose updates.
+``get`` remembers the version it read, per thread and per asyncio task; a later
+``set``/``delete`` of that key by the same thread or task is a compare-and-set
+against it and raises :class:`StateConflict` if someone (another thread sharing
+this object included) changed the key in between (the key is then forgotten: ``get``
+it again and retry). A key this thread or task never read is written blindly.
+``increment`` and ``append`` are atomic read-modify-writes under the row lock, so
+concurrent callers never lose updates.
 
 Inside a parallel branch (a member of a group or chord header dispatched through
 a session) plain keys read a snapshot (taken at dispatch, or for a group that
@@ -25,7 +27,9 @@ branch's private copy; see :mod:`sessionflow.branches`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,7 +94,9 @@ class BranchView:
 class State:
     """Key/value state of one session; the same type on the client and in tasks.
 
-    Thread-safe. Values are JSON values and come back as private copies.
+    Thread-safe: threads and asyncio tasks sharing one object (a web app's cached
+    ``Session.state``) each compare-and-set against the versions they read themselves.
+    Values are JSON values and come back as private copies.
     """
 
     def __init__(
@@ -100,7 +106,7 @@ class State:
         self._session_id = session_id
         self._branch = branch
         self._temp: dict[str, Any] = {}
-        self._versions: dict[str, int] = {}
+        self._reads = threading.local()  # the versions get() read: see _read_versions
         self._user_id: str | None = None
         self._lock = threading.RLock()
 
@@ -156,8 +162,7 @@ class State:
         scope_id = self._scope_id(scope, key)
         value, version = self._flow.store.state_read(scope, scope_id, key)
         if track:
-            with self._lock:
-                self._versions[key] = version
+            self._read_versions()[key] = version
         return value
 
     # -- writing ------------------------------------------------------------------
@@ -266,26 +271,44 @@ class State:
                         (DELETE, key, None) if value is MISSING else (SET, key, value)
                     )
 
+    def _read_versions(self) -> dict[str, int]:
+        """The versions this thread, or the asyncio task running in it, read.
+
+        One table per caller, so one caller's write never moves the version another
+        caller's compare-and-set runs against (that lost the other caller's update).
+        Only its own thread touches a table: no lock needed.
+        """
+        reads = self._reads
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop runs in this thread
+            task = None
+        if task is None:
+            if not hasattr(reads, "versions"):
+                reads.versions = {}
+            return reads.versions  # type: ignore[no-any-return]
+        if not hasattr(reads, "by_task"):
+            reads.by_task = weakref.WeakKeyDictionary()  # a finished task's table goes
+        return reads.by_task.setdefault(task, {})  # type: ignore[no-any-return]
+
     def _store(self, stored: Mapping[tuple[str, str], Mapping[str, tuple[Any, int]]]) -> None:
-        with self._lock:
-            writes = [
-                StateWrite(scope, scope_id, key, value, size, self._versions.get(key))
-                for (scope, scope_id), entries in stored.items()
-                for key, (value, size) in entries.items()
-            ]
+        read = self._read_versions()
+        writes = [
+            StateWrite(scope, scope_id, key, value, size, read.get(key))
+            for (scope, scope_id), entries in stored.items()
+            for key, (value, size) in entries.items()
+        ]
         try:
             versions = self._flow.store.state_write(
                 self._session_id, writes, self._flow.config.state_max_session_bytes
             )
         except StateConflict as exc:
-            with self._lock:
-                for key in exc.keys:
-                    self._versions.pop(key, None)
+            for key in exc.keys:
+                read.pop(key, None)
             raise
-        with self._lock:
-            for key, version in versions.items():
-                if key in self._versions:
-                    self._versions[key] = version
+        for key, version in versions.items():
+            if key in read:
+                read[key] = version
 
     def _atomic(self, op: Op) -> Any:
         key = op[1]
