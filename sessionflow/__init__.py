@@ -6,6 +6,7 @@ from .canvas import detached
 from .context import current_session
 from .enums import SessionState
 from .errors import (
+    BrokerError,
     ConfigurationError,
     InvalidArgument,
     InvalidRecreateToken,
@@ -51,6 +52,7 @@ __all__ = [
     "RunRecord",
     "State",
     # errors
+    "BrokerError",
     "ConfigurationError",
     "InvalidArgument",
     "InvalidRecreateToken",

@@ -13,6 +13,7 @@ from celery.backends.base import DisabledBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.entity import Queue
 
+from .canvas import sending
 from .enums import SessionStatus
 from .placement import placed as is_placed
 from .placer import Placer
@@ -59,7 +60,8 @@ class Admitting:
         ``placed``: the request is addressed to one worker, which answers at once
         whether it fits (its requires and constraints); a new session that asks for
         placement without a queue is placed by :class:`~sessionflow.placer.Placer`
-        in the background instead.
+        in the background instead. Publishing retries as Celery's tasks do
+        (``task_publish_retry_policy``), then raises :class:`BrokerError`.
         """
         if queue is None and placed is None and new is not None and is_placed(new):
             self.placer.submit(new, reply_id, on_open)
@@ -78,7 +80,7 @@ class Admitting:
             body["expires_at"] = time.time() + creation_timeout
         if reply_id is not None and not isinstance(self.app.backend, DisabledBackend):
             body["reply"] = reply_id
-        with self.app.producer_or_acquire() as producer:
+        with sending(self.app, "the session request"), self.app.producer_or_acquire() as producer:
             producer.publish(
                 body,
                 exchange=queue.exchange,
@@ -86,7 +88,7 @@ class Admitting:
                 declare=[queue],
                 serializer="json",
                 retry=True,
-                retry_policy={"max_retries": 3},
+                retry_policy=self.app.conf.task_publish_retry_policy or {},
                 expiration=creation_timeout,
             )
 

@@ -27,12 +27,14 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from celery import Signature
+from celery import Celery, Signature
 from celery.canvas import _chain, _chord, group, maybe_signature
 from kombu.entity import Exchange, Queue
+from kombu.exceptions import EncodeError, OperationalError
 
 from . import limits
-from .errors import InvalidArgument
+from .config import mask_url
+from .errors import BrokerError, InvalidArgument
 from .runtime import current_run
 
 SESSION_HEADER = "sessionflow_session"
@@ -133,6 +135,27 @@ def signature_of(obj: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -
         return obj.clone(tuple(args), dict(kwargs or {}), **options)
     sig: Signature = obj.signature(tuple(args), dict(kwargs or {}), **options)
     return sig
+
+
+@contextmanager
+def sending(app: Celery, what: str) -> Iterator[None]:
+    """kombu's errors while ``what`` is published, as sessionflow's: a body it cannot
+    serialise is :class:`InvalidArgument`, a broker it cannot reach :class:`BrokerError`
+    (naming the broker, its password masked). Nothing was sent in either case."""
+    try:
+        yield
+    except EncodeError as exc:
+        raise InvalidArgument(f"{what} cannot be serialised for the broker: {exc}") from exc
+    except (OperationalError, ConnectionError, TimeoutError) as exc:
+        with app.connection_for_write() as conn:
+            url, password = conn.as_uri(include_password=True), conn.password
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        if password:
+            detail = detail.replace(password, "***")
+        raise BrokerError(
+            f"cannot reach the broker at {mask_url(url)} ({detail}): is it running, and is "
+            "broker_url right? Nothing was sent"
+        ) from exc
 
 
 def check_sendable(obj: Any) -> None:

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from celery import Signature
 from kombu.entity import Queue
+from kombu.serialization import dumps
 
 from . import options, tokens
 from . import options as opts
 from .admission import Admitting
-from .canvas import make_queue
+from .canvas import make_queue, sending
 from .config import Config
 from .context import current_session
 from .enums import Reason
@@ -88,7 +89,8 @@ class Creating(Admitting):
         (or ``(op, value)``) admits only workers whose labels match; ``prefer``
         ranks the workers that pass; ``placement`` is ``"spread"`` or ``"pack"``.
         Raises :class:`SessionUnplaceable` at once when no live worker could ever
-        take it, :class:`SessionCreationTimeout` after ``creation_timeout`` seconds.
+        take it, :class:`SessionCreationTimeout` after ``creation_timeout`` seconds,
+        :class:`BrokerError` if the broker cannot be reached (nothing is written then).
         """
         new = options.new_session(
             self.config,
@@ -223,6 +225,7 @@ class Creating(Admitting):
         ask only when the current database transaction commits (after a rollback the id
         never exists): ``True`` for Django's, or a function that registers a callback
         with your own, e.g. ``lambda ask: after_commit(db.session, ask)`` (Flask).
+        Raises :class:`BrokerError` if the broker cannot be reached (no row is written).
         """
         if not isinstance(on_commit, bool) and not callable(on_commit):
             raise InvalidArgument(
@@ -233,13 +236,17 @@ class Creating(Admitting):
             if not isinstance(on_open, Signature):
                 raise InvalidArgument("on_open must be a Celery signature, e.g. my_task.s()")
             on_open = dict(on_open)
+            with sending(self.app, "on_open's arguments"):  # the request is JSON
+                dumps(on_open, serializer="json")
         reply_id = creation_reply(new.id)
 
         def ask() -> None:
-            self.registrar.add_pending(new)
+            # Published first: a request the broker did not take leaves no row. A worker
+            # may admit it before the row is written; the row's insert then does nothing.
             self.request_admission(
                 new.id, new.creation_timeout, None, reply_id, new=new, on_open=on_open
             )
+            self.registrar.add_pending(new)
 
         if on_commit is True:
             django_on_commit(ask)

@@ -37,6 +37,10 @@ class StoreRefused(StoreError):
     a row of a session that no longer exists); trying the same write again will not help."""
 
 
+class BrokerError(SessionFlowError):
+    """The broker could not be reached (or refused the message); nothing was sent."""
+
+
 class SessionCreationTimeout(SessionFlowError):
     """No worker admitted the session within ``creation_timeout`` seconds."""
 

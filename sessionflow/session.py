@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
-from kombu.exceptions import EncodeError
 
 from . import branches, canvas, limits, tokens
 from .enums import Reason, SessionState, SessionStatus
-from .errors import InvalidArgument, SessionNotFound, TurnLimitExceeded, ended_error
+from .errors import SessionNotFound, TurnLimitExceeded, ended_error
 from .records import Dispatch, RunRecord, SessionRecord
 from .transactions import django_on_commit
 
@@ -135,19 +134,16 @@ class Session:
         a canvas, or any task of a session with ``max_turns``, is registered in one
         statement before it is sent, whatever its size.
         Raises :class:`SessionClosed` / :class:`SessionFailed` if the session is not
-        open, :class:`TurnLimitExceeded` past ``max_turns``; nothing is sent then.
+        open, :class:`TurnLimitExceeded` past ``max_turns``, :class:`BrokerError` if the
+        broker cannot be reached; nothing is sent then.
 
         ``complete_when_done=True``: the session completes once this canvas finished,
         whether it succeeded or failed (the failure still reaches the caller's
         ``.get()``): the web pattern "start the work, answer, let it end the session".
         """
         canvas.check_send(obj, args, kwargs, complete_when_done, options)
-        try:
+        with canvas.sending(self._flow.app, "the task's arguments"):  # on failure: none counted
             return self._send(obj, args, kwargs, complete_when_done, options)
-        except EncodeError as exc:  # nothing was sent, and nothing is counted
-            raise InvalidArgument(
-                f"the task's arguments cannot be serialised for the broker: {exc}"
-            ) from exc
 
     def _send(
         self, obj: Any, args: Any, kwargs: Any, complete_when_done: bool, options: dict[str, Any]

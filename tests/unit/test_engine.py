@@ -31,6 +31,7 @@ from sessionflow.celery_ext.live import LiveSessions, claim
 from sessionflow.celery_ext.ticker import Ticker
 from sessionflow.celery_ext.writer import Writer
 from sessionflow.enums import SessionStatus, TaskStatus
+from sessionflow.errors import BrokerError
 from sessionflow.records import Ended, NewSession, utcnow
 from sessionflow.results import Resolver
 from sessionflow.store.sql.engine import translated, use_wal
@@ -194,6 +195,29 @@ def test_arguments_that_cannot_be_serialised_are_invalid_and_nothing_is_counted(
     assert isinstance(info.value.__cause__, EncodeError)
     flow.registrar.flush()
     assert flow.store.tasks(s.id) == []
+
+
+@pytest.mark.parametrize("max_turns", [None, 5])
+def test_sending_while_the_broker_is_down_is_a_broker_error_and_nothing_is_counted(
+    tmp_path: Path, max_turns: int | None
+) -> None:
+    """kombu's OperationalError escaped; the message names the broker, never its password."""
+    flow = make_flow(tmp_path)
+    flow.app.conf.broker_url = "redis://:pw-never-shown@127.0.0.1:1/0"
+    flow.app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0}
+    try:
+        s = opened(flow, max_turns=max_turns)
+        a = flow.app.tasks["t.a"]
+        for send in (lambda: s.apply_async(a, (1,)), lambda: s.apply_async(a.s(1) | a.s())):
+            with pytest.raises(BrokerError) as info:
+                send()
+            message = str(info.value)
+            assert "redis://:***@127.0.0.1:1/0" in message and "pw-never-shown" not in message
+        flow.registrar.flush()
+        assert s.info.turns == 0 and flow.store.tasks(s.id) == []
+    finally:
+        flow.close()
+        flow.app.close()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu.exceptions import EncodeError
 from sqlalchemy import create_engine, func, inspect, select, table
 
 from sessionflow import (
@@ -26,6 +27,7 @@ from sessionflow import (
 )
 from sessionflow.canvas import QUEUE_HEADER, route_session_task
 from sessionflow.enums import SessionStatus
+from sessionflow.errors import BrokerError
 from sessionflow.options import check_reducers
 from sessionflow.records import NewSession, utcnow
 from sessionflow.tokens import make_token
@@ -514,3 +516,50 @@ def test_the_rpc_result_backend_is_refused_with_what_to_use(app: Celery, backend
 def test_backends_that_store_by_task_id_are_taken(app: Celery, backend: str | None) -> None:
     app.conf.result_backend = backend
     assert SessionFlow(app).config.max_concurrent_sessions == 1000
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize("placed", [{}, {"requires": {"gpu": 1}}])
+def test_request_session_refuses_an_on_open_that_cannot_be_serialised(
+    flow: SessionFlow, placed: dict[str, Any]
+) -> None:
+    """kombu's EncodeError escaped after the pending row was queued: an orphan row."""
+
+    @flow.app.task(name="t.start_job", shared=False)  # type: ignore[untyped-decorator]
+    def start_job(session_id: str, x: Any) -> None:
+        return None
+
+    with pytest.raises(InvalidArgument, match="on_open") as info:
+        flow.request_session(**VALID, **placed, on_open=start_job.s({1, 2}))
+    assert isinstance(info.value.__cause__, EncodeError)
+    assert flow.registrar.pending() == 0
+    flow.registrar.flush()  # nothing queued for the store either (unchanged: no row)
+
+
+def test_asking_for_a_session_while_the_broker_is_down_is_a_broker_error(
+    tmp_path: Path,
+) -> None:
+    """kombu's OperationalError escaped after 6 s, and request_session left a pending row
+    behind. The message names the broker, never its password."""
+    app = make_app(tmp_path, "brokerdown")
+    app.conf.broker_url = "redis://:pw-never-shown@127.0.0.1:1/0"
+    app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0}
+    flow = SessionFlow(app)
+    flow.store.get_session("warm-up")  # creates the schema
+    try:
+        for ask in (
+            lambda: flow.request_session(creation_timeout=30, execution_timeout=60),
+            lambda: flow.create_session(creation_timeout=30, execution_timeout=60),
+        ):
+            started = time.monotonic()
+            with pytest.raises(BrokerError) as info:
+                ask()
+            assert time.monotonic() - started < 3
+            message = str(info.value)
+            assert "redis://:***@127.0.0.1:1/0" in message and "pw-never-shown" not in message
+        assert flow.registrar.pending() == 0
+        flow.registrar.flush()
+        assert row_counts(flow)["sf_sessions"] == 0
+    finally:
+        flow.close()
+        app.close()
