@@ -29,8 +29,10 @@ from typing import Any
 
 from celery import Celery, Signature
 from celery.canvas import _chain, _chord, group, maybe_signature
+from kombu import compression
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import EncodeError, OperationalError
+from kombu.serialization import registry
 
 from . import limits
 from .config import mask_url
@@ -72,6 +74,11 @@ def check_send(
     check_call(args, kwargs, options)
     if isinstance(obj, Signature):  # options set on it (a canvas's members: by Celery)
         check_options(obj.options)
+        if any(isinstance(node, _chain) and not node.tasks for node in nodes(obj)):
+            raise InvalidArgument(  # Celery's freeze fails on it with IndexError
+                "an empty chain has no task to run: give every chain at least one "
+                "signature, e.g. chain(a.s(), b.s()), or send nothing"
+            )
 
 
 def check_call(args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:
@@ -116,6 +123,26 @@ def check_options(options: Mapping[str, Any]) -> None:
     headers = options.get("headers")
     if headers is not None and not isinstance(headers, Mapping):
         raise InvalidArgument(f"headers must be a mapping, got {type(headers).__name__}")
+    serializer = options.get("serializer")
+    if serializer is not None and not (
+        isinstance(serializer, str) and (serializer == "raw" or serializer in registry.name_to_type)
+    ):
+        names = ", ".join(sorted(registry.name_to_type))
+        raise InvalidArgument(f"serializer must be one of {names}, got {limits.shown(serializer)}")
+    method = options.get("compression")
+    if method is not None and not (isinstance(method, str) and _compression_known(method)):
+        raise InvalidArgument(
+            "compression must be a method kombu has installed (e.g. 'gzip', 'bzip2'), "
+            f"got {limits.shown(method)}"
+        )
+
+
+def _compression_known(method: str) -> bool:
+    try:
+        compression.get_encoder(method)
+    except KeyError:
+        return False
+    return True
 
 
 def _seconds(value: Any) -> bool:

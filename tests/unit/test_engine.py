@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, group, states
+from celery import Celery, chain, chord, group, states
 from kombu.exceptions import EncodeError
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
@@ -106,6 +106,10 @@ def test_failed_publish_gives_back_turns_tasks_and_groups(flow: SessionFlow) -> 
         ({"priority": "high"}, "priority"),
         ({"priority": 300}, "priority"),
         ({"time_limit": math.inf}, "time_limit"),
+        # kombu failed on them only while publishing (SerializerNotInstalled, KeyError)
+        ({"serializer": "bogus"}, "serializer"),
+        ({"compression": "bogus"}, "compression"),
+        ({"compression": ["gzip"]}, "compression"),
     ],
 )
 @pytest.mark.parametrize("max_turns", [None, 5])
@@ -195,6 +199,20 @@ def test_arguments_that_cannot_be_serialised_are_invalid_and_nothing_is_counted(
     assert isinstance(info.value.__cause__, EncodeError)
     flow.registrar.flush()
     assert flow.store.tasks(s.id) == []
+
+
+@pytest.mark.parametrize("max_turns", [None, 5])
+def test_an_empty_chain_is_invalid_and_nothing_is_counted(
+    flow: SessionFlow, max_turns: int | None
+) -> None:
+    """It raised IndexError from Celery's freeze (plain Celery sends nothing)."""
+    s = opened(flow, max_turns=max_turns)
+    a = flow.app.tasks["t.a"]
+    for canvas in (chain(), chain([]), chord([a.s(1)], chain()), group([a.s(1), chain()])):
+        with pytest.raises(InvalidArgument, match="empty chain"):
+            s.apply_async(canvas)
+    flow.registrar.flush()
+    assert s.info.turns == 0 and flow.store.tasks(s.id) == []
 
 
 @pytest.mark.parametrize("max_turns", [None, 5])
