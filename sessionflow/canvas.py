@@ -87,6 +87,9 @@ def check_call(args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:
         raise InvalidArgument(f"args must be a list or tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise InvalidArgument(f"kwargs must be a mapping, got {type(kwargs).__name__}")
+    bad_key = next((k for k in kwargs or () if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise InvalidArgument(f"kwargs keys must be strings, got {limits.shown(bad_key)}")
     clashing = sorted(set(options) & set(_ROUTING_OPTIONS))
     if clashing:
         raise InvalidArgument(
@@ -120,9 +123,10 @@ def check_options(options: Mapping[str, Any]) -> None:
         isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
     ):
         raise InvalidArgument(f"priority must be an integer 0-255, got {limits.shown(priority)}")
-    headers = options.get("headers")
-    if headers is not None and not isinstance(headers, Mapping):
-        raise InvalidArgument(f"headers must be a mapping, got {type(headers).__name__}")
+    for name in ("headers", "retry_policy"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise InvalidArgument(f"{name} must be a mapping, got {type(value).__name__}")
     serializer = options.get("serializer")
     if serializer is not None and not (
         isinstance(serializer, str) and (serializer == "raw" or serializer in registry.name_to_type)

@@ -123,6 +123,12 @@ def test_bad_kwargs(app: Celery, kwargs: Any) -> None:
         build_signature(add(app), (), kwargs, {})
 
 
+def test_kwargs_keys_must_be_strings(app: Celery) -> None:
+    # {1: 2} raised TypeError ("keywords must be strings") from Celery at the call
+    with pytest.raises(InvalidArgument, match="kwargs keys must be strings, got 1"):
+        build_signature(add(app), (), {1: 2}, {})
+
+
 @pytest.mark.parametrize("obj", ["t.add", None, 42, print, object()])
 def test_not_a_task(obj: Any) -> None:
     with pytest.raises(InvalidArgument, match="expected a Celery task, signature or canvas"):

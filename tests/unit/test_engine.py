@@ -110,6 +110,7 @@ def test_failed_publish_gives_back_turns_tasks_and_groups(flow: SessionFlow) -> 
         ({"serializer": "bogus"}, "serializer"),
         ({"compression": "bogus"}, "compression"),
         ({"compression": ["gzip"]}, "compression"),
+        ({"retry_policy": "x"}, "retry_policy"),  # TypeError while publishing
     ],
 )
 @pytest.mark.parametrize("max_turns", [None, 5])
