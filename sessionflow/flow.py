@@ -247,6 +247,9 @@ class SessionFlow(Creating):
         The owning worker is told at once (a control command with a reply) and
         settles the session's unstarted tasks. If it does not answer, this waits
         until its next heartbeat has seen the end (or until it counts as lost).
+        A session someone else ended is not ended again (False), but this waits
+        the same way until its owner has applied that end: either way, when this
+        returns, no task of the session starts any more.
         """
         limits.text("session_id", session_id)
         status = limits.ending_status(status)
@@ -264,17 +267,41 @@ class SessionFlow(Creating):
                 self._answer_creator(session_id, status)
                 return True
             record = self.store.get_session(session_id)  # a worker admitted it meanwhile
-        if record is None or not self.store.end_session(session_id, status, reason):
+        if record is None:
+            return False
+        if not self.store.end_session(session_id, status, reason):
+            self._await_end(session_id)
             return False
         owner = record.hostname
         if owner is None:
             return True
-        if self.live is not None and self.live.in_this_process() and self.worker_nodename == owner:
+        if self._owned_here(owner):
             self.live.end(session_id)  # this worker holds it: settle here
             return True
         if not self._tell_owner(owner, session_id):
             self._await_owner(owner, session_id, record.heartbeat_timeout)
         return True
+
+    def _owned_here(self, owner: str) -> bool:
+        """This process is the main process of the worker ``owner``."""
+        return (
+            self.live is not None and self.live.in_this_process() and self.worker_nodename == owner
+        )
+
+    def _await_end(self, session_id: str) -> None:
+        """Someone else ended the session: return once its owner has applied that end.
+
+        Whoever ended it tells the owner (or the owner ended it itself); this only
+        waits, as that caller does, until the session is settled or the owner's
+        heartbeat is later than the end, or the owner has gone silent.
+        """
+        record = self.store.get_session(session_id)
+        if record is None or not record.status.ended or record.settled or not record.hostname:
+            return
+        if self._owned_here(record.hostname):
+            self.live.end(session_id)  # returns once no task of it can start here
+            return
+        self._await_owner(record.hostname, session_id, record.heartbeat_timeout)
 
     def _answer_creator(self, session_id: str, status: SessionStatus) -> None:
         """A ``request_session`` caller blocked in ``wait()`` (any process) hears of the

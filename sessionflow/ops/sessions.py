@@ -147,7 +147,8 @@ def end_sessions(
     """End each open session (its worker is told and settles it).
 
     ``outcome`` per id: ``ended``; ``already_ended`` (it had ended before: nothing
-    changed); ``not_open`` (pending, not admitted yet); ``not_found``.
+    changed, but its worker has applied that end when this returns); ``not_open``
+    (pending, not admitted yet); ``not_found``.
     """
     status = limits.ending_status(status)
     limits.text("reason", reason, max_len=limits.MAX_REASON)
@@ -157,12 +158,11 @@ def end_sessions(
     for session_id in session_ids:
         record = flow.store.get_session(session_id)
         outcome = "not_found"
-        if record is not None and record.status is SessionStatus.OPEN:
+        if record is not None and (record.status is SessionStatus.OPEN or record.status.ended):
+            # An ended one too: its owner may not have applied the end yet (waited for).
             ended = flow.end_session(session_id, status, reason)
             record = flow.store.get_session(session_id) or record
             outcome = "ended" if ended else "already_ended"
-        elif record is not None and record.status.ended:
-            outcome = "already_ended"
         elif record is not None:
             outcome = "not_open"  # pending: not admitted yet, or moving to another worker
         results.append(

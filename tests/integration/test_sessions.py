@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -18,7 +19,7 @@ from sessionflow import (
     SessionNotFound,
     SessionState,
 )
-from sessionflow.enums import TaskStatus
+from sessionflow.enums import SessionStatus, TaskStatus
 
 pytestmark = pytest.mark.integration
 GET = 30  # seconds a result may take before the test counts it as hung
@@ -184,6 +185,59 @@ def test_apply_async_after_complete_raises(stack: Stack, flow: SessionFlow) -> N
     with pytest.raises(SessionClosed) as err:
         s.apply_async(where, args=(1,))
     assert err.value.session_id == s.id and err.value.reason == "completed"
+
+
+def test_a_second_complete_returns_only_once_no_task_starts(
+    stack: Stack, flow: SessionFlow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callers complete one session: the one whose end came second returned at once,
+    before the worker had applied the end, and tasks of the session still started."""
+    tell = flow._tell_owner
+
+    def slow_tell(owner: str, session_id: str) -> bool:
+        time.sleep(0.5)  # a busy broker: the worker hears of the end late
+        return tell(owner, session_id)
+
+    monkeypatch.setattr(flow, "_tell_owner", slow_tell)
+    sleep = task(stack, "sleep")
+    s = flow.create_session(creation_timeout=30, execution_timeout=600)
+    results = [s.apply_async(sleep, args=(0.01,)) for _ in range(300)]  # 1.5 s of work
+    results[0].get(timeout=GET)  # they are running, one after another
+    returned: dict[str, datetime] = {}
+
+    def first() -> None:
+        s.complete()
+        returned["first"] = datetime.now(timezone.utc)
+
+    def second() -> None:  # completes the session as soon as the first end is in the store
+        while flow.store.statuses([s.id])[s.id][0] is SessionStatus.OPEN:
+            time.sleep(0.001)
+        flow.get_session(s.id).complete()
+        returned["second"] = datetime.now(timezone.utc)
+
+    threads = [threading.Thread(target=second), threading.Thread(target=first)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(GET)
+    assert set(returned) == {"first", "second"}
+    # Outcomes from the store, not the results: the file:// backend of the embedded stack
+    # can tear a SessionClosed that the worker and its pool process write at once.
+    final = {TaskStatus.SUCCEEDED, TaskStatus.CANCELLED}
+    tasks = wait_until(
+        lambda: (
+            (found := flow.store.tasks(s.id))
+            and sum(t.status in final for t in found) == len(results)
+            and found
+        ),
+        GET,
+        "every task to have run or been cancelled",
+    )
+    ran = sum(t.status is TaskStatus.SUCCEEDED for t in tasks)
+    assert 0 < ran < len(results)  # the end came while tasks were still queued
+    runs = wait_until(lambda: (h := s.history()) and len(h) == ran and h, 20, "every run")
+    late = [r.started_at for r in runs if r.started_at > returned["second"]]
+    assert late == [], f"{len(late)} tasks started after the second complete() returned"
 
 
 def test_resume_from_second_process(stack: Stack, flow: SessionFlow) -> None:
