@@ -19,7 +19,13 @@ worker exits) or write over each other (a binding lost: messages to that queue w
 dropped). Here the table file is created with its content in one step, and changed
 only under an exclusive lock.
 
-For demos and tests on one machine (``app.conf.update(fsbroker.settings(folder))``).
+Results: Celery's ``file://`` backend also writes a result straight into its file, so a
+caller polling it could read half a document (``DecodeError``), and two writers of one
+result (a session's end and the pool refusing the task) could leave two documents in
+it for good. :class:`FileBackend` writes under another name and renames into place.
+
+For demos and tests on one machine (``app.conf.update(fsbroker.settings(folder))``,
+``app.conf.result_backend = fsbroker.result_backend(folder)``).
 Production uses Redis or RabbitMQ.
 """
 
@@ -34,6 +40,7 @@ from pathlib import Path
 from time import monotonic_ns
 from typing import Any
 
+from celery.backends.filesystem import FilesystemBackend
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
@@ -107,6 +114,27 @@ class Transport(filesystem.Transport):
     """kombu's filesystem transport with atomic message files."""
 
     Channel = Channel
+
+
+class FileBackend(FilesystemBackend):  # type: ignore[misc]
+    """Celery's ``file://`` result backend, each result written whole (see above)."""
+
+    def set(self, key: bytes, value: Any) -> None:
+        final = self._filename(key)
+        partial = self._filename(b".partial-%s-%s" % (uuid.uuid4().hex.encode(), key))
+        value = value.encode() if isinstance(value, str) else value
+        try:
+            with self.open(partial, "wb") as file:
+                file.write(value)
+            os.replace(partial, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+
+
+def result_backend(folder: Path | str) -> str:
+    """The ``result_backend`` setting for results kept as files under ``folder``."""
+    return f"{FileBackend.__module__}:FileBackend+file://{Path(folder).resolve()}"
 
 
 def settings(folder: Path, polling_interval: float = 0.05) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def cluster_settings(
         settings["broker_transport"] = "sessionflow.fsbroker:Transport"
         results = folder / "results"
         results.mkdir(parents=True, exist_ok=True)
-        conf.update(settings, result_backend=f"file://{results}")
+        conf.update(settings, result_backend=fsbroker.result_backend(results))
     if store == "auto":
         store = "django" if django_store else "temporary"
     if store == "temporary":

@@ -7,9 +7,9 @@ they run on the same worker, which is what a session guarantees.
 
 Workers start with ``celery -A fileproc worker -n w1@%h --max-sessions 2``.
 Settings come from environment variables; without any, everything is embedded
-(no servers): kombu's filesystem broker (``sessionflow.fsbroker``), Celery's
-``file://`` result backend and a SQLite session store, all under ``$FILEPROC_DATA``
-(default ``./data``).
+(no servers): kombu's filesystem broker (``sessionflow.fsbroker``), a ``file://``
+result backend (``fsbroker.result_backend``) and a SQLite session store, all under
+``$FILEPROC_DATA`` (default ``./data``).
 
 - ``FILEPROC_DATA``: folder for the embedded broker, results, store and worker disks
 - ``FILEPROC_BROKER_URL``: e.g. ``redis://127.0.0.1:6379/0`` instead of the filesystem
@@ -43,7 +43,9 @@ else:
 if not os.environ.get("FILEPROC_RESULT_BACKEND"):
     (DATA / "results").mkdir(parents=True, exist_ok=True)
 app.conf.update(
-    result_backend=os.environ.get("FILEPROC_RESULT_BACKEND") or f"file://{DATA / 'results'}",
+    result_backend=(
+        os.environ.get("FILEPROC_RESULT_BACKEND") or fsbroker.result_backend(DATA / "results")
+    ),
     broker_connection_retry_on_startup=True,
     sessionflow_database_url=(
         os.environ.get("FILEPROC_DATABASE_URL") or f"sqlite:///{DATA / 'sessionflow.db'}"

@@ -7,9 +7,9 @@ Which worker offers what is decided when the worker starts, not here::
     celery -A placeapp worker -n cpu@%h --session-resources cpu=4 --session-labels zone=us
 
 Settings come from environment variables; without any, everything is embedded (no
-servers): the filesystem broker (``sessionflow.fsbroker``), Celery's ``file://``
-result backend and a SQLite session store, all under ``$PLACEMENT_DATA`` (default
-``./data``).
+servers): the filesystem broker (``sessionflow.fsbroker``), a ``file://`` result
+backend (``fsbroker.result_backend``) and a SQLite session store, all under
+``$PLACEMENT_DATA`` (default ``./data``).
 
 - ``PLACEMENT_DATA``: folder for the embedded broker, results and store
 - ``PLACEMENT_BROKER_URL``: e.g. ``redis://127.0.0.1:6379/0`` instead of the filesystem
@@ -39,7 +39,9 @@ else:
 if not os.environ.get("PLACEMENT_RESULT_BACKEND"):
     (DATA / "results").mkdir(parents=True, exist_ok=True)
 app.conf.update(
-    result_backend=os.environ.get("PLACEMENT_RESULT_BACKEND") or f"file://{DATA / 'results'}",
+    result_backend=(
+        os.environ.get("PLACEMENT_RESULT_BACKEND") or fsbroker.result_backend(DATA / "results")
+    ),
     broker_connection_retry_on_startup=True,
     sessionflow_database_url=(
         os.environ.get("PLACEMENT_DATABASE_URL") or f"sqlite:///{DATA / 'sessionflow.db'}"

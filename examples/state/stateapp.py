@@ -33,7 +33,7 @@ def create_app() -> Celery:
     else:
         app.conf.update(fsbroker.settings(data))
         (data / "results").mkdir(parents=True, exist_ok=True)
-        app.conf.result_backend = f"file://{data / 'results'}"
+        app.conf.result_backend = fsbroker.result_backend(data / "results")
     app.conf.sessionflow_database_url = os.environ.get(
         "STATE_EXAMPLE_DATABASE", f"sqlite:///{data / 'sessionflow.db'}"
     )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sessionflow import fsbroker
+
 HERE = Path(__file__).resolve().parent
 REDIS_URL = "redis://127.0.0.1:6379"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -144,7 +146,7 @@ class Stack:
             (self.root / "results").mkdir(exist_ok=True)
             env["SF_BROKER_URL"] = "filesystem://"
             env["SF_BROKER_FOLDER"] = str(folder)
-            env["SF_RESULT_BACKEND"] = f"file://{self.root / 'results'}"
+            env["SF_RESULT_BACKEND"] = fsbroker.result_backend(self.root / "results")
         elif self.spec.broker == "redis":
             env["SF_BROKER_URL"] = f"{REDIS_URL}/12"
             env["SF_RESULT_BACKEND"] = f"{REDIS_URL}/13"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
+from celery import Celery, states
 from kombu import Connection, Queue
 
 from sessionflow import fsbroker
@@ -79,3 +82,55 @@ def test_processes_binding_to_one_exchange_at_once_lose_no_binding(tmp_path: Pat
         if bound != {f"q{n}" for n in range(4)}:
             problems.append(f"round {round_}: bindings {sorted(bound)}")
     assert problems == []
+
+
+class _SlowFile:
+    """A file whose write stops halfway until the test lets it go on."""
+
+    def __init__(self, file: Any, halfway: threading.Event, go_on: threading.Event) -> None:
+        self.file, self.halfway, self.go_on = file, halfway, go_on
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        self.halfway.set()
+        self.go_on.wait(10)
+        return self.file.write(data[len(data) // 2 :])
+
+    def __enter__(self) -> _SlowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def read(backend: Any, task_id: str) -> Any:
+    """The stored result as it is in the file now (the backend caches what it read)."""
+    return backend.decode_result(backend.get(backend.get_key_for_task(task_id)))["result"]
+
+
+def test_a_result_being_written_is_never_read_half_written(tmp_path: Path) -> None:
+    # Celery's file:// backend writes a result straight into its file: a caller polling
+    # read half a document (DecodeError), and two writers of one result (a session's end
+    # and the pool refusing the task) left "Extra data" behind for good.
+    app = Celery("fsresults", set_as_current=False)
+    app.conf.result_backend = fsbroker.result_backend(tmp_path)
+    reader = app.backend
+    reader.store_result("t1", {"first": "x" * 100}, states.STARTED)
+    halfway, go_on = threading.Event(), threading.Event()
+
+    def slow_open(path: Any, mode: str = "r", *args: Any) -> Any:
+        file = open(path, mode, *args)  # noqa: SIM115 (closed by _SlowFile)
+        slow = "w" in mode and b"task-meta" in os.fsencode(path)  # not its directory test
+        return _SlowFile(file, halfway, go_on) if slow else file
+
+    writer = type(reader)(url=reader.url, app=app, open=slow_open)
+    thread = threading.Thread(target=writer.store_result, args=("t1", "second", states.SUCCESS))
+    thread.start()
+    try:
+        assert halfway.wait(10)
+        assert read(reader, "t1") == {"first": "x" * 100}
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert read(reader, "t1") == "second"
