@@ -10,7 +10,6 @@ from typing import Any
 
 from celery import Celery
 from celery.backends.base import DisabledBackend
-from celery.backends.rpc import RPCBackend
 from kombu.entity import Queue
 
 from . import canvas, limits, options
@@ -19,12 +18,12 @@ from .celery_ext.tracing import Middleware
 from .config import Config, load_config
 from .creation import Creating, creation_reply
 from .enums import SessionState, SessionStatus
-from .errors import ConfigurationError, InvalidArgument, SessionNotFound
+from .errors import InvalidArgument, SessionNotFound
 from .placer import Placer
 from .queues import Queues
 from .records import SessionRecord
 from .registrar import Registrar
-from .results import Resolver
+from .results import Resolver, check_backend
 from .session import Session
 from .store import SessionStore, open_store
 from .sweeper import Sweeper, Watcher
@@ -113,14 +112,7 @@ class SessionFlow(Creating):
     def config(self) -> Config:
         """The validated ``sessionflow_*`` settings, read once (with the result backend)."""
         config = load_config(self.app.conf, getattr(self.app, "namespace", None))
-        if isinstance(self.app.backend, RPCBackend):
-            raise ConfigurationError(
-                "sessionflow cannot use Celery's rpc:// result backend: it answers only the "
-                "caller of a task a worker runs, so the callers of tasks lost with a dead "
-                "worker (or closed before they ran) would wait for ever. Use a backend that "
-                "stores results by task id (redis://, db+postgresql://..., a cache, file://), "
-                "or result_backend = None if no caller reads results"
-            )
+        check_backend(self.app)
         return config
 
     @cached_property

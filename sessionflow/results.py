@@ -13,11 +13,24 @@ from typing import Any
 
 from celery import states
 from celery.backends.base import DisabledBackend
+from celery.backends.rpc import RPCBackend
 
-from .errors import SessionTaskLost, ended_error
+from .errors import ConfigurationError, SessionTaskLost, ended_error
 from .records import Ended
 
 logger = logging.getLogger("sessionflow")
+
+
+def check_backend(app: Any) -> None:
+    """Refuse a result backend that cannot store a result for any task id."""
+    if isinstance(app.backend, RPCBackend):
+        raise ConfigurationError(
+            "sessionflow cannot use Celery's rpc:// result backend: it answers only the "
+            "caller of a task a worker runs, so the callers of tasks lost with a dead "
+            "worker (or closed before they ran) would wait for ever. Use a backend that "
+            "stores results by task id (redis://, db+postgresql://..., a cache, file://), "
+            "or result_backend = None if no caller reads results"
+        )
 
 
 class Resolver:
