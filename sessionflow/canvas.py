@@ -177,16 +177,25 @@ def sending(app: Celery, what: str) -> Iterator[None]:
         yield
     except EncodeError as exc:
         raise InvalidArgument(f"{what} cannot be serialised for the broker: {exc}") from exc
-    except (OperationalError, ConnectionError, TimeoutError) as exc:
-        with app.connection_for_write() as conn:
-            url, password = conn.as_uri(include_password=True), conn.password
-        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        if password:
-            detail = detail.replace(password, "***")
-        raise BrokerError(
-            f"cannot reach the broker at {mask_url(url)} ({detail}): is it running, and is "
-            "broker_url right? Nothing was sent"
-        ) from exc
+    except BROKER_DOWN as exc:
+        raise broker_error(app, exc) from exc
+
+
+BROKER_DOWN = (OperationalError, ConnectionError, TimeoutError)
+
+
+def broker_error(app: Celery, exc: BaseException) -> BrokerError:
+    """``exc`` (one of ``BROKER_DOWN``) as :class:`BrokerError`, naming the broker with
+    its password masked, on one line."""
+    with app.connection_for_write() as conn:
+        url, password = conn.as_uri(include_password=True), conn.password
+    detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if password:
+        detail = detail.replace(password, "***")
+    return BrokerError(
+        f"cannot reach the broker at {mask_url(url)} ({detail}): is it running, and is "
+        "broker_url right? Nothing was sent"
+    )
 
 
 def check_sendable(obj: Any) -> None:

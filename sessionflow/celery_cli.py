@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import click
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from . import limits, ops
+from .canvas import BROKER_DOWN, broker_error
 from .cli_render import (
     duration,
     render_db,
@@ -70,11 +70,9 @@ def _errors(command: F) -> F:
             raise click.UsageError(str(exc)) from None
         except SessionFlowError as exc:
             raise click.ClickException(_one_line(exc)) from None
-        except (OperationalError, ConnectionError, TimeoutError) as exc:
-            ctx = click.get_current_context()
-            broker = _app(ctx).connection().as_uri()  # as_uri() masks the password
-            message = f"cannot reach the broker at {broker}: {_one_line(exc)}"
-            raise click.ClickException(message) from None
+        except BROKER_DOWN as exc:
+            error = broker_error(_app(click.get_current_context()), exc)
+            raise click.ClickException(str(error)) from None
 
     return wrapper  # type: ignore[return-value]
 

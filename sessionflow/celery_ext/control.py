@@ -25,12 +25,9 @@ from typing import Any
 import click
 from celery.worker.control import control_command, inspect_command
 
-from .. import limits
 from ..errors import ConfigurationError
-from ..limits import MAX_SESSION_ID
+from ..limits import MAX_CAP, MAX_SESSION_ID
 from ..resources import spec_text, worker_labels, worker_resources
-
-MAX_CAP = limits.MAX_CAP
 
 
 def _live(state: Any) -> Any:
